@@ -1,0 +1,111 @@
+"""One decoder for the Llama family (llama, qwen2, mistral): GQA, RMSNorm, SwiGLU, RoPE.
+
+Family differences are configuration (biases, sliding window, RoPE scaling, tied head), not code.
+Module names follow Hugging Face: `embed_tokens`, `layers.{i}.self_attn.q_proj`, `mlp.gate_proj`,
+`input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtele.errors import JaxteleError
+from jaxtele.models.attention import apply_rope, attention, rope_inv_freq
+from jaxtele.models.config import ModelConfig
+from jaxtele.models.layers import Embed, Linear, RMSNorm
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs):
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.q_proj = Linear(D, N * H, use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = Linear(D, K * H, use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = Linear(D, K * H, use_bias=cfg.qkv_bias, **kw)
+    self.o_proj = Linear(N * H, D, use_bias=cfg.o_bias, **kw)
+    self.shape = (N, K, H)
+    self.sliding_window = cfg.sliding_window
+    self.inv_freq = rope_inv_freq(cfg).tolist()  # static: a list, not an array leaf
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    N, K, H = self.shape
+    B, T, _ = x_BTD.shape
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), positions_BT, inv_freq)
+    k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), positions_BT, inv_freq)
+    v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, sliding_window=self.sliding_window)
+    return self.o_proj(out_BTNH.reshape(B, T, N * H))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate_proj = Linear(D, F, **kw)
+    self.up_proj = Linear(D, F, **kw)
+    self.down_proj = Linear(F, D, **kw)
+
+  def __call__(self, x_BTD):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT)
+    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class Decoder(nnx.Module):
+  """tokens, positions, segment_ids [B, T] int32 -> logits [B, T, V] (compute dtype)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.lm_head = nnx.data(None if cfg.tie_word_embeddings else Linear(
+        cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs))
+
+  def hidden_states(self, tokens_BT, positions_BT, segment_ids_BT):
+    x_BTD = self.embed_tokens(tokens_BT)
+    block = nnx.remat(DecoderLayer.__call__) if self.config.remat else DecoderLayer.__call__
+    for layer in self.layers:
+      x_BTD = block(layer, x_BTD, positions_BT, segment_ids_BT)
+    return self.norm(x_BTD)
+
+  def logits(self, x_BTD):
+    return self.embed_tokens.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+  return Decoder(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+  """The model's structure with shape-only leaves: a template to load weights into without allocating twice."""
+  return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+
+
+def check_token_ids(tokens, vocab_size: int, source: str = "input"):
+  """Ids outside [0, vocab) become a silent NaN inside a jitted gather; refuse them on the host."""
+  tokens = np.asarray(tokens)
+  bad = (tokens < 0) | (tokens >= vocab_size)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise JaxteleError(f"{source}: token id {int(tokens[where])} at index {where} is outside the vocabulary [0, {vocab_size})")
+  return tokens
