@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints a table; results are recorded in docs/benchmarks.md."""

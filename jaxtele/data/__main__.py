@@ -1,0 +1,64 @@
+"""`python -m jaxtele.data`: prepare corpora, look at batches.
+
+  python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer MODEL --out data/telecom
+  python -m jaxtele.data inspect --config configs/quickstart.py [--batches 3]
+"""
+
+import argparse
+import sys
+
+from jaxtele.errors import cli
+
+
+def prepare(args):
+  from jaxtele.convert import load_tokenizer, model_config
+  from jaxtele.data.prepare import prepare_3gpp
+
+  vocab = model_config(args.tokenizer).vocab_size
+  prepare_3gpp(args.input, args.out, load_tokenizer(args.tokenizer), vocab, args.eval_fraction, args.overwrite)
+
+
+def inspect(args):
+  from jaxtele.config import load_config
+  from jaxtele.data.pipeline import packing_efficiency
+  from jaxtele.data.setup import data_for
+
+  cfg = load_config(args.config, args.override)
+  tok, ds = data_for(cfg, log=print)
+  it = iter(ds)
+  for i in range(args.batches):
+    b = next(it)
+    shapes = {k: list(v.shape) for k, v in b.items()}
+    print(f"batch {i}: {shapes} packing efficiency {packing_efficiency(b):.3f} "
+          f"trained targets {int(b['loss_mask'].sum())} segments {segments(b)}")
+  row = b["tokens"][0][b["segment_ids"][0] == b["segment_ids"][0][0]]
+  print("first segment of the last batch:", repr(tok.decode(row)[:500]))
+
+
+def segments(batch) -> int:
+  """Documents or document pieces in a batch: segment starts that are not padding."""
+  return int(((batch["positions"] == 0) & (batch["segment_ids"] != 0)).sum())
+
+
+@cli
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m jaxtele.data", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  q = sub.add_parser("prepare", help="3GPP Markdown -> tokenized TFDS ArrayRecord dataset + stats.json")
+  q.add_argument("--input", required=True, help="folder of 3GPP spec .md files")
+  q.add_argument("--tokenizer", required=True, help="model whose tokenizer to use: HF folder, hub id or .gguf")
+  q.add_argument("--out", required=True)
+  q.add_argument("--eval-fraction", type=float, default=0.02)
+  q.add_argument("--overwrite", action="store_true")
+  q.set_defaults(fn=prepare)
+  i = sub.add_parser("inspect", help="print a few batches of a config's training data")
+  i.add_argument("--config", required=True)
+  i.add_argument("--batches", type=int, default=2)
+  i.add_argument("override", nargs="*", help="--config.key=value overrides")
+  i.set_defaults(fn=inspect)
+  args = p.parse_args(argv)
+  args.fn(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,139 @@
+"""The Grain input pipeline: sources -> per-process shard -> shuffle -> tokenize -> mix -> pack -> batch.
+
+Deterministic for a seed; the iterator's state (`it.get_state()` / `it.set_state()`) is what a
+checkpoint stores, so a restored run sees exactly the batches an uninterrupted one would have.
+"""
+
+import collections
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxtele.data import sft
+from jaxtele.data.packing import PACKINGS, lm_example, pack
+from jaxtele.data.sources import make_source
+from jaxtele.data.tokenize import DocTokenizer
+from jaxtele.errors import JaxteleError
+
+FORMATS = ("text", "tokens", "sft")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      # Each source: {type: text|jsonl|json|parquet|tfds, path|name, weight, field, fields, split, ...}.
+      "sources": [],
+      "format": "text",  # text: raw documents; tokens: prepared token ids; sft: instruction records
+      "sft_template": "alpaca",
+      "tokenizer": "",  # HF folder or .gguf; empty = the model's
+      "doc_end_token": ml_collections.FieldReference(None, field_type=str),
+      "seq_len": 512,
+      "batch_size": 8,  # global, over all processes
+      "packing": "first_fit",
+      "num_packing_bins": 16,
+      "shuffle": True,
+      "seed": 0,
+      "num_epochs": ml_collections.FieldReference(None, field_type=int),  # None: repeat forever
+      "workers": 0,
+  })
+
+
+class Formatter:
+  """One source record -> one pre-shifted LM example (picklable, so it runs in Grain workers)."""
+
+  def __init__(self, fmt: str, doc_tok: DocTokenizer, template: str):
+    self.fmt, self.doc_tok, self.template = fmt, doc_tok, template
+
+  def __call__(self, record):
+    if self.fmt == "sft":
+      return lm_example(*sft.encode_example(record, self.template, self.doc_tok))
+    if self.fmt == "tokens":
+      return lm_example(self.doc_tok.check(np.asarray(record["tokens"], np.int32), record.get("id", "record")))
+    return lm_example(self.doc_tok.encode(record["text"], source=record.get("id", "document")))
+
+
+def has_pairs(ex) -> bool:
+  return len(ex["tokens"]) > 0
+
+
+def validate(cfg, where="data"):
+  if cfg.format not in FORMATS:
+    raise JaxteleError(f"{where}.format: unknown format {cfg.format!r} (choose from {', '.join(FORMATS)})")
+  if cfg.packing not in PACKINGS:
+    raise JaxteleError(f"{where}.packing: unknown packing {cfg.packing!r} (choose from {', '.join(PACKINGS)})")
+  if not cfg.sources:
+    raise JaxteleError(f"{where}.sources: no data sources configured")
+  if cfg.format == "sft" and cfg.sft_template not in sft.TEMPLATES:
+    raise JaxteleError(f"{where}.sft_template: unknown template {cfg.sft_template!r}")
+  for key in ("seq_len", "batch_size"):
+    if cfg[key] <= 0:
+      raise JaxteleError(f"{where}.{key}: must be positive, got {cfg[key]}")
+
+
+def open_sources(cfg, where="data"):
+  """Build every source once; returns (sources, weights, stats of what they left out)."""
+  sources, weights, stats = [], [], collections.Counter()
+  for i, spec in enumerate(cfg.sources):
+    spec = dict(spec)
+    weights.append(float(spec.get("weight", 1.0)))
+    src = make_source(spec, f"{where}.sources[{i}]")
+    if len(src) == 0:
+      raise JaxteleError(f"{where}.sources[{i}]: {spec.get('path') or spec.get('name')} holds no usable records")
+    sources.append(src)
+    stats.update(src.stats)
+  return sources, weights, stats
+
+
+def build(cfg, doc_tok: DocTokenizer, *, sources=None, weights=None, process_index=0, process_count=1,
+          train=True) -> grain.IterDataset:
+  """The dataset of batches for this process: dicts of int32 [batch / process_count, seq_len].
+
+  `train=False` reads every record once, in order, and pads the last batch (loss_mask 0) instead of
+  dropping it, for evaluation.
+  """
+  validate(cfg)
+  if sources is None:
+    sources, weights, _ = open_sources(cfg)
+  if cfg.batch_size % process_count:
+    raise JaxteleError(f"data.batch_size: {cfg.batch_size} is not divisible by {process_count} processes")
+  fmt = Formatter(cfg.format, doc_tok, cfg.sft_template)
+  streams = []
+  for k, src in enumerate(sources):
+    ds = grain.MapDataset.source(src)[process_index::process_count]
+    if train:
+      if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed + k)
+      ds = ds.repeat(cfg.num_epochs)
+    streams.append(ds.map(fmt).filter(has_pairs).to_iter_dataset())
+  ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+  rows = pack(ds, cfg.seq_len, cfg.packing, cfg.num_packing_bins, cfg.seed)
+  per_process = cfg.batch_size // process_count
+  if train:
+    batches = rows.batch(per_process, drop_remainder=True)
+  else:
+    batches = rows.batch(per_process, drop_remainder=False).map(PadBatch(per_process))
+  if cfg.workers > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; plain scripts never parse them.
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+  return batches
+
+
+class PadBatch:
+  """Pad a short final batch with empty rows (segment 0, loss_mask 0) so shapes stay static."""
+
+  def __init__(self, size):
+    self.size = size
+
+  def __call__(self, batch):
+    n = len(batch["tokens"])
+    if n == self.size:
+      return batch
+    return {k: np.concatenate([v, np.zeros((self.size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+def packing_efficiency(batch) -> float:
+  """Real tokens / slots in a batch."""
+  return float(np.mean(np.asarray(batch["segment_ids"]) != 0))
