@@ -1,0 +1,77 @@
+"""Orbax checkpoints: one step directory holding the train state, the Grain iterator state and a
+JSON `meta` (resolved config, model config, LoRA settings, base-model fingerprint).
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash during a
+save leaves nothing that `latest_step()` would pick up. LoRA runs store only the trainable leaves
+plus the base's identity; the base is reloaded from `model.source` and must match its fingerprint.
+"""
+
+import hashlib
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxtele.errors import JaxteleError
+
+
+def fingerprint(tree) -> str:
+  """A cheap identity for a parameter tree: paths, shapes, dtypes and a strided sample of values."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0])):
+    x = np.asarray(jax.device_get(leaf)).reshape(-1)
+    h.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+    h.update(np.ascontiguousarray(x[:: max(1, x.size // 4096)]).astype(np.float32).tobytes())
+  return h.hexdigest()[:16]
+
+
+class Checkpointer:
+  def __init__(self, run_dir: str, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iter, meta: dict):
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                              meta=ocp.args.JsonSave(meta))
+    self.manager.save(step, args=args, force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state, data_iter, expected_meta: dict):
+    """Restore onto the shardings in `abstract_state` (any mesh); refuse a checkpoint of another model."""
+    check_compatible(self.read_meta(step), expected_meta, f"{self.directory}/{step}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+IDENTITY_KEYS = ("model", "mode", "lora", "base_fingerprint")
+
+
+def check_compatible(saved: dict, expected: dict, where: str):
+  for key in IDENTITY_KEYS:
+    if saved.get(key) != expected.get(key):
+      raise JaxteleError(f"{where}: checkpoint {key} differs from this run's "
+                         f"({_diff(saved.get(key), expected.get(key))}); use another run_dir or the matching config")
+
+
+def _diff(a, b) -> str:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        return f"{k}: checkpoint {a.get(k)!r}, run {b.get(k)!r}"
+  return f"checkpoint {json.dumps(a)[:80]}, run {json.dumps(b)[:80]}"

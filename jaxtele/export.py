@@ -1,0 +1,184 @@
+"""`python -m jaxtele.export`: convert a model or a training run between formats.
+
+  python -m jaxtele.export --source SmolLM2.gguf --out exported/smollm2                 # GGUF -> HF folder
+  python -m jaxtele.export --source HuggingFaceTB/SmolLM2-135M --out exported/smol --format jaxtele
+  python -m jaxtele.export --source runs/my_lora_run --out exported/adapter --format adapter [--step 200]
+
+Sources: an HF folder, an HF hub id (online), a `.gguf` file, a jaxtele folder, or a run directory
+(its latest checkpoint, or `--step`). Formats:
+  hf       a folder `transformers` loads (a LoRA run is merged first)
+  adapter  a PEFT adapter (LoRA runs), with `base/` beside it when the run's base is not an HF folder
+  jaxtele  config.json + an Orbax checkpoint of the parameters, loadable as a model source
+The output is written to a temporary sibling and renamed into place at the end, so a failed export
+never leaves a half-written folder, and an existing output is replaced only with `--overwrite`.
+"""
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+
+from jaxtele.errors import JaxteleError, cli
+
+FORMATS = ("hf", "adapter", "jaxtele")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str, overwrite: bool):
+  """Yield a temporary folder that replaces `out` only if the block succeeds."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise JaxteleError(f"{out}: already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.rename(tmp, out)
+
+
+def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None, base=""):
+  """One format into `folder`. `lora` (rank, alpha, rslora) is needed for adapters; hf merges them
+  into the kernels first (in place)."""
+  from jaxtele.convert import hf, native, peft
+  from jaxtele.models.lora import lora_paths, merge_lora
+
+  if fmt == "adapter":
+    if not lora_paths(model):
+      raise JaxteleError("--format adapter: the source has no LoRA adapters (it is not a LoRA run)")
+    peft.save_adapter(model, folder, rank=lora["rank"], alpha=lora["alpha"], rslora=lora["rslora"], base_model=base)
+    return
+  merge_lora(model)
+  if fmt == "hf":
+    hf.save_hf(model, folder, tokenizer=tokenizer, dtype=dtype)
+  elif fmt == "jaxtele":
+    native.save_native(model, folder, tokenizer)
+  else:
+    raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str:
+  """The HF base a PEFT adapter of this run sits on: the source folder when it is one and only the
+  adapters trained; else the run's base written to `folder` (with any trained extra modules)."""
+  from flax import nnx
+
+  from jaxtele.models.lora import lora_paths
+
+  src = cfg.model.source
+  if src and os.path.isfile(os.path.join(src, "config.json")) and not cfg.lora.extra_trainable:
+    return os.path.abspath(src)
+  base = nnx.merge(graphdef, params, frozen)
+  modules = dict(nnx.iter_modules(base))
+  for path in lora_paths(base):
+    modules[path].lora_a, modules[path].lora_b = nnx.data(None), nnx.data(None)
+  with atomic_output_dir(folder, overwrite=True) as tmp:
+    write(base, "hf", tmp, tokenizer=tokenizer, dtype=dtype)
+  return os.path.abspath(folder)
+
+
+def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -> dict:
+  """A run's exports as its config asks, under `root` (default `run_dir/export/`): `hf` (full FT);
+  `adapter` (+ `base` when needed) and `merged` (LoRA)."""
+  from flax import nnx
+
+  root = root or os.path.join(cfg.run_dir, "export")
+  dtype = cfg.export.dtype or cfg.model.param_dtype
+  lora = {k: cfg.lora[k] for k in ("rank", "alpha", "rslora")}
+  jobs = []
+  if cfg.train.mode == "full" and cfg.export.hf:
+    jobs.append(("hf", "hf"))
+  if cfg.train.mode == "lora" and cfg.export.adapter:
+    jobs.append(("adapter", "adapter"))
+  if cfg.train.mode == "lora" and (cfg.export.merged or cfg.export.hf):
+    jobs.append(("merged", "hf"))
+  written = {}
+  for name, fmt in jobs:
+    base = adapter_base(cfg, graphdef, params, frozen, os.path.join(root, "base"), tokenizer, dtype) \
+        if fmt == "adapter" else ""
+    with atomic_output_dir(os.path.join(root, name), overwrite=True) as tmp:
+      write(nnx.merge(graphdef, params, frozen), fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base)
+      # The run's resolved config travels with the weights: evaluation prompts with its SFT template.
+      with open(os.path.join(tmp, "jaxtele_run.json"), "w") as f:
+        f.write(cfg.to_json(indent=2))
+    written[name] = os.path.join(root, name)
+    log(f"exported {name}: {written[name]}")
+  return written
+
+
+def load_run(run_dir: str, step: int | None = None):
+  """(config, graphdef, params, frozen, tokenizer) of a run's checkpoint; the base is reloaded from the
+  run's `model.source` and must match the fingerprint the checkpoint recorded."""
+  import jax
+  import ml_collections
+  import orbax.checkpoint as ocp
+
+  from jaxtele.checkpoint import Checkpointer, check_compatible, fingerprint
+  from jaxtele.models import build
+  from jaxtele.optimizer import make_optimizer
+
+  ckpt = Checkpointer(run_dir, keep=1, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise JaxteleError(f"{ckpt.directory}: no checkpoint to export")
+  meta = ckpt.read_meta(step)
+  cfg = ml_collections.ConfigDict(meta["config"])
+  graphdef, params, frozen = build.split_model(build.build_model(cfg), cfg)
+  if cfg.train.mode == "lora":
+    check_compatible(meta, {**meta, "base_fingerprint": fingerprint(frozen)}, f"{ckpt.directory}/{step}")
+  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+  abstract = jax.eval_shape(lambda p: {"step": 0, "params": p, "opt_state": tx.init(p)}, params)
+  state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  ckpt.close()
+  return cfg, graphdef, jax.device_get(state["params"]), frozen, build.load_tokenizer(cfg.model)
+
+
+def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
+           step: int | None = None):
+  from flax import nnx
+
+  from jaxtele.convert import load_pretrained
+
+  if fmt not in FORMATS:
+    raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+  if dtype not in (None, *DTYPES):
+    raise JaxteleError(f"--dtype: unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+  lora, base = None, ""
+  if os.path.isdir(os.path.join(source, "checkpoints")):
+    cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
+    model = nnx.merge(graphdef, params, frozen)
+    lora = {k: cfg.lora[k] for k in ("rank", "alpha", "rslora")}
+    if fmt == "adapter" and cfg.train.mode == "lora":
+      # Beside the adapter, not inside it: `out` is replaced as a whole.
+      base = adapter_base(cfg, graphdef, params, frozen, out.rstrip("/") + "-base", tokenizer,
+                          dtype or cfg.model.param_dtype)
+  else:
+    pre = load_pretrained(source)
+    model, tokenizer = pre.model, pre.tokenizer
+  with atomic_output_dir(out, overwrite) as tmp:
+    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base)
+  print(f"exported {source} -> {out} ({fmt}{', base ' + base if base else ''})")
+
+
+@cli
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m jaxtele.export", description=__doc__.split("\n")[0])
+  p.add_argument("--source", required=True, help="HF folder, HF hub id, .gguf, jaxtele folder or run directory")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--format", default="hf", choices=FORMATS)
+  p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
+  p.add_argument("--step", type=int, default=None, help="run directories: the checkpoint step (default: latest)")
+  p.add_argument("--overwrite", action="store_true")
+  args = p.parse_args(argv)
+  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,72 @@
+"""The jitted pieces of training: a train step with gradient accumulation, and an eval step.
+
+Pure functions over pure-dict states; `nnx.merge` rebuilds the model inside the trace. Only the
+trainable leaves are differentiated. The loss is the sum over trained targets divided by their count,
+taken over all micro-batches together, so accumulation equals one big batch.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxtele.loss import masked_sum_and_count
+from jaxtele.sharding import path_str
+
+
+def loss_sums(graphdef, params, frozen, batch):
+  model = nnx.merge(graphdef, params, frozen)
+  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  return masked_sum_and_count(logits, batch["targets"], batch["loss_mask"])
+
+
+def group_norms(grads) -> dict:
+  """Gradient norm per group: LoRA A, LoRA B, and trainable base weights (full FT, or extra modules)."""
+  groups = {}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    leaf = path_str(path).rsplit("/", 1)[-1]
+    name = leaf if leaf in ("lora_a", "lora_b") else "base"
+    groups[name] = groups.get(name, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in groups.items()}
+
+
+def micro_batches(batch, k: int):
+  """[B, T] -> [k, B/k, T], micro-batch i = rows i, i+k, ...: each device's rows feed every micro-batch."""
+  return jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(graphdef, tx, grad_accum: int):
+  grad_fn = jax.value_and_grad(lambda p, f, b: loss_sums(graphdef, p, f, b), has_aux=True)
+
+  def train_step(state, frozen, batch):
+    params = state["params"]
+
+    def accumulate(carry, mb):
+      g_sum, s_sum, c_sum = carry
+      (s, c), g = grad_fn(params, frozen, mb)
+      return (jax.tree.map(jnp.add, g_sum, g), s_sum + s, c_sum + c), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (g_sum, s_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches(batch, grad_accum))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    loss = s_sum / denom
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite step changes nothing: the host stops the run and the last good state stays intact.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = {"step": state["step"] + ok.astype(jnp.int32), "params": keep(new_params, params),
+                 "opt_state": keep(opt_state, state["opt_state"])}
+    metrics = {"loss": loss, "trained_tokens": count, "grad_norm": grad_norm, **group_norms(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  def eval_step(params, frozen, batch):
+    return loss_sums(graphdef, params, frozen, batch)
+
+  return eval_step

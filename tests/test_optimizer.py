@@ -1,0 +1,91 @@
+"""Optimizer and precision: schedules against their closed forms, weight decay only on matrices,
+remat and bf16 compute in the train step, LoRA with extra trainable modules."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtele.models.config import ModelConfig
+from jaxtele.models.decoder import init_model
+from jaxtele.models.lora import add_lora, trainable_filter
+from jaxtele.optimizer import make_optimizer, schedule
+from jaxtele.step import make_train_step
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=8, qkv_bias=True)
+
+
+def opt_cfg(**kw):
+  base = dict(lr=1e-3, schedule="cosine", warmup_ratio=0.1, final_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
+              eps=1e-8, clip=1.0)
+  return ml_collections.ConfigDict(base | kw)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules(kind):
+  lr = schedule(opt_cfg(schedule=kind), 100)
+  assert float(lr(0)) == 0.0 and math.isclose(float(lr(5)), 5e-4, rel_tol=1e-6)  # linear warmup over 10 steps
+  assert math.isclose(float(lr(10)), 1e-3, rel_tol=1e-6)
+  end = {"cosine": 1e-4, "linear": 1e-4, "constant": 1e-3}[kind]
+  assert math.isclose(float(lr(100)), end, rel_tol=1e-5)
+  if kind == "cosine":  # halfway through the decay: final + (peak - final) / 2
+    assert math.isclose(float(lr(55)), 1e-4 + 0.5 * 9e-4, rel_tol=1e-5)
+
+
+def batch_of(B=4, T=8, trained=True, seed=0):
+  rng = np.random.default_rng(seed)
+  b = {"tokens": rng.integers(0, 64, (B, T)), "targets": rng.integers(0, 64, (B, T)),
+       "segment_ids": np.ones((B, T)), "positions": np.tile(np.arange(T), (B, 1)),
+       "loss_mask": np.full((B, T), int(trained))}
+  return {k: jnp.asarray(v, jnp.int32) for k, v in b.items()}
+
+
+def one_step(cfg: ModelConfig, mode="full", extra="", trained=True, ocfg=None, lora=False):
+  model = init_model(cfg)
+  if lora:
+    add_lora(model, 4, 8.0)
+  graphdef, params, frozen = nnx.split(model, trainable_filter(mode, extra), ...)
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  tx, _ = make_optimizer(ocfg or opt_cfg(warmup_ratio=0.0), 10)
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+  new, metrics = jax.jit(make_train_step(graphdef, tx, 1))(state, frozen, batch_of(trained=trained))
+  return params, new["params"], frozen, metrics
+
+
+def test_weight_decay_shrinks_matrices_only():
+  """No gradient (nothing trained): AdamW's update is pure decay, which must skip norms and biases."""
+  before, after, _, _ = one_step(TINY, trained=False)
+  flat_b, flat_a = nnx.traversals.flatten_mapping(before), nnx.traversals.flatten_mapping(after)
+  for path, x in flat_b.items():
+    y = flat_a[path]
+    if x.ndim >= 2:
+      np.testing.assert_allclose(y, x * (1 - 1e-3 * 0.1), rtol=1e-6)
+    else:
+      assert path[-1] in ("scale", "bias") and np.array_equal(x, y)
+
+
+def test_remat_and_bf16_compute():
+  _, p_plain, _, m_plain = one_step(TINY)
+  _, p_remat, _, m_remat = one_step(TINY.replace(remat=True))
+  np.testing.assert_allclose(m_remat["loss"], m_plain["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_remat["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_remat)):  # Adam's first step is ~lr * sign(g)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  _, p_bf16, _, m_bf16 = one_step(TINY.replace(dtype="bfloat16"))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p_bf16))  # fp32 master weights
+  assert abs(float(m_bf16["loss"]) - float(m_plain["loss"])) < 0.05
+
+
+def test_lora_with_extra_trainable_norms():
+  before, after, frozen, metrics = one_step(TINY, mode="lora", extra=r"norm", lora=True)
+  names = {p[-1] for p in nnx.traversals.flatten_mapping(after)}
+  assert names == {"lora_a", "lora_b", "scale"}
+  assert not any(p[-1] in ("kernel", "embedding", "bias") for p in nnx.traversals.flatten_mapping(after))
+  assert {"grad_norm/lora_a", "grad_norm/lora_b", "grad_norm/base"} <= set(metrics)
+  flat_b, flat_a = nnx.traversals.flatten_mapping(before), nnx.traversals.flatten_mapping(after)
+  assert any(not np.array_equal(flat_b[p], flat_a[p]) for p in flat_b if p[-1] == "scale")

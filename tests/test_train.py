@@ -1,0 +1,198 @@
+"""The trainer: loss goes down on 1 and 8 devices (and agrees), LoRA freezes the base and holds moments
+only for adapters, gradient accumulation equals one big batch, exact resume after SIGKILL, preemption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtele.config import load_config
+from jaxtele.models.config import ModelConfig
+from jaxtele.models.decoder import init_model
+from jaxtele.models.lora import trainable_filter
+from jaxtele.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "configs", "tiny_test.py")
+
+
+def tiny(tmp_path, *overrides):
+  os.chdir(tmp_path)  # the recipe writes its generated corpus under ./runs/corpus
+  return load_config(RECIPE, [f"--config.run_dir={tmp_path / 'run'}", *overrides])
+
+
+def run_subprocess(tmp_path, *overrides, devices=8, wait=True):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "jaxtele.train", "--config", RECIPE, f"--config.run_dir={tmp_path / 'run'}",
+         *overrides]
+  p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return p
+  out, err = p.communicate(timeout=600)
+  return p.returncode, err
+
+
+def wait_for_lines(path, n, timeout=300):
+  """Until a running trainer has logged `n` lines to `path`."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
+    time.sleep(0.05)
+
+
+def logged(run_dir, key="train/loss"):
+  """{step: value} from metrics.jsonl; a step logged twice (before a kill and after resume) keeps the last."""
+  rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+  return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path):
+  from jaxtele.train import run
+
+  for mode in ("full", "lora"):
+    d = tmp_path / mode
+    d.mkdir()
+    common = [f"--config.train.mode={mode}", "--config.train.steps=8", "--config.train.log_every=1",
+              "--config.lora.rank=4"]
+    res8 = run(tiny(d, *common, "--config.mesh.data=2", "--config.mesh.fsdp=4"))
+    assert res8["losses"][-1] < res8["losses"][0] - 0.05, res8["losses"]
+    one = d / "one"
+    one.mkdir()
+    rc, err = run_subprocess(one, *common, "--config.mesh.data=1", devices=1)
+    assert rc == 0, err[-2000:]
+    losses1 = [v for _, v in sorted(logged(one / "run").items())]
+    np.testing.assert_allclose(losses1, res8["losses"], atol=1e-5, rtol=0)
+
+
+def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path):
+  from jaxtele.models import build
+  from jaxtele.train import run
+
+  cfg = tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj")
+  _, _, frozen_before = build.split_model(build.build_model(cfg), cfg)
+  res = run(cfg)
+  frozen_after = jax.device_get(res["frozen"])
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+  params = res["state"]["params"]
+  n_layers = cfg.model.init.num_layers
+  names = sorted({"/".join(str(k.key) for k in p[-2:]) for p, _ in jax.tree_util.tree_leaves_with_path(params)})
+  assert names == ["q_proj/lora_a", "q_proj/lora_b", "v_proj/lora_a", "v_proj/lora_b"]
+  assert len(jax.tree.leaves(params)) == 4 * n_layers
+  adam = res["state"]["opt_state"][1][0]
+  assert len(jax.tree.leaves(adam.mu)) == len(jax.tree.leaves(adam.nu)) == 4 * n_layers
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adam.mu))
+  # Metrics reach metrics.jsonl and TensorBoard, with gradient norms per group.
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert {"train/grad_norm", "train/grad_norm/lora_a", "train/grad_norm/lora_b", "train/lr",
+          "train/tokens_per_s"} <= set(train_rows[-1])
+  assert any("eval/telecom/ppl" in r for r in rows)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """k micro-batches of b rows = one batch of k*b rows (<= 1e-5), with uneven trained-token counts."""
+  from flax import nnx
+
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8)
+  model = init_model(cfg)
+  graphdef, params, frozen = nnx.split(model, trainable_filter("full"), ...)
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  rng = np.random.default_rng(0)
+  B, T = 8, 16
+  mask = (rng.random((B, T)) < np.linspace(0.1, 1.0, B)[:, None]).astype(np.int32)  # rows train 10%..100%
+  batch = {"tokens": rng.integers(0, 64, (B, T)), "targets": rng.integers(0, 64, (B, T)),
+           "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T), (B, 1)), "loss_mask": mask}
+  batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+  tx = optax.sgd(1.0)
+  out = {}
+  for k in (1, 4):
+    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+    out[k] = jax.jit(make_train_step(graphdef, tx, k))(state, frozen, batch)
+  np.testing.assert_allclose(out[1][1]["loss"], out[4][1]["loss"], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(out[1][0]["params"]), jax.tree.leaves(out[4][0]["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # The loss is the mean over trained targets of the whole batch, not a mean of per-micro-batch means.
+  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(out[4][1]["loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+  steps = 12
+  common = ["--config.train.steps=12", "--config.train.log_every=1", "--config.checkpoint.every=1",
+            "--config.checkpoint.async_save=True"]
+  straight = tmp_path / "straight"
+  straight.mkdir()
+  rc, err = run_subprocess(straight, *common)
+  assert rc == 0, err[-2000:]
+  killed = tmp_path / "killed"
+  killed.mkdir()
+  p = run_subprocess(killed, *common, wait=False)
+  wait_for_lines(killed / "run" / "metrics.jsonl", steps // 2)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert len(logged(killed / "run")) < steps, "the run was killed before it finished"
+  rc, err = run_subprocess(killed, *common)
+  assert rc == 0, err[-2000:]
+  assert "resumed from" in err
+  want, got = logged(straight / "run"), logged(killed / "run")
+  assert sorted(got) == list(range(1, steps + 1))
+  assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # identical, not merely close
+  import orbax.checkpoint as ocp
+
+  trees = []
+  for d in (straight, killed):
+    mgr = ocp.CheckpointManager(str(d / "run" / "checkpoints"), item_names=("state",))
+    trees.append(mgr.restore(steps, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"])
+  for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  p = run_subprocess(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
+                     "--config.checkpoint.every=100000", wait=False)
+  wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 0, err[-2000:]
+  assert "SIGTERM: saved step" in err
+  step = int(err.split("SIGTERM: saved step ")[1].split()[0])
+  assert (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
+
+
+def test_two_processes_match_one(tmp_path):
+  """2 processes x 4 CPU devices through jax.distributed and launch/local_multiprocess.sh give the losses
+  of 1 process x 8 devices. Every document is the same, so batches are the same however data is sharded."""
+  corpus = tmp_path / "same.jsonl"
+  corpus.write_text((json.dumps({"text": "The AMF handles registration and mobility for the UE. " * 2}) + "\n") * 64)
+  common = [f"--config.data.sources=[{{'type': 'jsonl', 'path': '{corpus}'}}]", "--config.train.steps=5",
+            "--config.train.log_every=1", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+            f"--config.eval.sets=[{{'name': 'same', 'sources': [{{'type': 'jsonl', 'path': '{corpus}'}}]}}]",
+            "--config.eval.max_batches=2", "--config.export.hf=True"]
+  one = tmp_path / "one"
+  one.mkdir()
+  rc, err = run_subprocess(one, *common)
+  assert rc == 0, err[-2000:]
+  two = tmp_path / "two"
+  two.mkdir()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
+  p = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "4", "--config", RECIPE,
+                      f"--config.run_dir={two / 'run'}", *common], cwd=two, env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "over 8 cpu devices, 2 process(es)" in p.stderr
+  for key in ("train/loss", "eval/same/loss"):
+    want, got = logged(one / "run", key), logged(two / "run", key)
+    assert sorted(want) == sorted(got) and want
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], atol=1e-5)
+  assert (two / "run" / "export" / "hf" / "model.safetensors").exists()
+  assert sorted(os.listdir(two / "run" / "checkpoints")) == sorted(os.listdir(one / "run" / "checkpoints"))
