@@ -50,7 +50,8 @@ def ensure_corpus(folder: str, n_train: int = 2000, n_eval: int = 100, seed: int
   os.makedirs(folder, exist_ok=True)
   rng = random.Random(seed)
   for split, n in (("train", n_train), ("eval", n_eval)):
-    tmp = paths[split] + ".tmp"
+    # Per-process temporary name: processes of a multi-host launch may generate the same corpus at once.
+    tmp = f"{paths[split]}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       for i in range(n):
         f.write(json.dumps({"text": document(rng, i)}) + "\n")
