@@ -67,6 +67,11 @@ def check_compatible(saved: dict, expected: dict, where: str):
     if saved.get(key) != expected.get(key):
       raise JaxteleError(f"{where}: checkpoint {key} differs from this run's "
                          f"({_diff(saved.get(key), expected.get(key))}); use another run_dir or the matching config")
+  # Grain keeps one iterator state per process (data/process_<i>-of-<n>.json), so the data position
+  # cannot be carried to another process count; parameters and optimizer state could be.
+  if saved.get("process_count", expected["process_count"]) != expected["process_count"]:
+    raise JaxteleError(f"{where}: the data iterator state was saved by {saved['process_count']} process(es) and this "
+                       f"run has {expected['process_count']}; resume with {saved['process_count']} process(es)")
 
 
 def _diff(a, b) -> str:

@@ -51,7 +51,7 @@ def run_meta(cfg, model_cfg, frozen) -> dict:
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("remat", "dtype")}
   meta = {"model": model, "mode": cfg.train.mode, "lora": lora,
           "base_fingerprint": fingerprint(frozen) if cfg.train.mode == "lora" else None,
-          "base_source": cfg.model.source, "config": cfg.to_dict()}
+          "base_source": cfg.model.source, "process_count": jax.process_count(), "config": cfg.to_dict()}
   return json.loads(json.dumps(meta, default=str))  # compare as it will read back from JSON
 
 

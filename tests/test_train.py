@@ -196,3 +196,9 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], atol=1e-5)
   assert (two / "run" / "export" / "hf" / "model.safetensors").exists()
   assert sorted(os.listdir(two / "run" / "checkpoints")) == sorted(os.listdir(one / "run" / "checkpoints"))
+  # Grain's iterator state is per process: resuming the 2-process run in 1 process is refused, untouched.
+  before = sorted(os.listdir(two / "run" / "checkpoints"))
+  rc, err = run_subprocess(two, *common[:1], "--config.train.steps=8", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+                           "--config.checkpoint.resume=True")
+  assert rc == 2 and "saved by 2 process(es) and this run has 1" in err.strip().splitlines()[-1], err[-2000:]
+  assert sorted(os.listdir(two / "run" / "checkpoints")) == before
