@@ -177,8 +177,8 @@ def test_same_seed_same_batches_other_seed_other_batches(two_corpora, doc_tok):
   a, b = take(pipeline.build(cfg, doc_tok), 5), take(pipeline.build(cfg, doc_tok), 5)
   cfg.seed = 1
   c = take(pipeline.build(cfg, doc_tok), 5)
-  assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
-  assert not all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
+  assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b, strict=True))
+  assert not all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c, strict=True))
 
 
 def test_each_process_reads_its_own_shard(two_corpora, doc_tok):
@@ -211,7 +211,7 @@ def test_resume_mid_epoch_gives_the_same_batches(two_corpora, doc_tok, workers):
   restored.set_state(state)
   resumed = [next(restored) for _ in range(m)]
   restored.close()
-  for want, got in zip(uninterrupted[n:], resumed):
+  for want, got in zip(uninterrupted[n:], resumed, strict=True):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
 

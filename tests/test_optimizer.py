@@ -74,7 +74,7 @@ def test_remat_and_bf16_compute():
   _, p_remat, _, m_remat = one_step(TINY.replace(remat=True))
   np.testing.assert_allclose(m_remat["loss"], m_plain["loss"], rtol=1e-6)
   np.testing.assert_allclose(m_remat["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_remat)):  # Adam's first step is ~lr * sign(g)
+  for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_remat), strict=True):  # Adam's first step is ~lr * sign(g)
     np.testing.assert_allclose(a, b, atol=1e-5)
   _, p_bf16, _, m_bf16 = one_step(TINY.replace(dtype="bfloat16"))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p_bf16))  # fp32 master weights

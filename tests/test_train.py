@@ -78,7 +78,7 @@ def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path):
   _, _, frozen_before = build.split_model(build.build_model(cfg), cfg)
   res = run(cfg)
   frozen_after = jax.device_get(res["frozen"])
-  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after), strict=True):
     assert np.array_equal(np.asarray(a), np.asarray(b))  # bit-identical
   params = res["state"]["params"]
   n_layers = cfg.model.init.num_layers
@@ -118,7 +118,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
     out[k] = jax.jit(make_train_step(graphdef, tx, k))(state, frozen, batch)
   np.testing.assert_allclose(out[1][1]["loss"], out[4][1]["loss"], atol=1e-5)
-  for a, b in zip(jax.tree.leaves(out[1][0]["params"]), jax.tree.leaves(out[4][0]["params"])):
+  for a, b in zip(jax.tree.leaves(out[1][0]["params"]), jax.tree.leaves(out[4][0]["params"]), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # The loss is the mean over trained targets of the whole batch, not a mean of per-micro-batch means.
   logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
@@ -153,7 +153,7 @@ def test_exact_resume_after_sigkill(tmp_path):
   for d in (straight, killed):
     mgr = ocp.CheckpointManager(str(d / "run" / "checkpoints"), item_names=("state",))
     trees.append(mgr.restore(steps, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"])
-  for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])):
+  for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1]), strict=True):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -50,7 +50,7 @@ def main():
     for packing in ("first_fit", "best_fit", "concat"):
       for workers in (0, 2):
         tps, eff = online(stats["dataset_dir"], doc_tok, packing, workers, args.seq_len, args.batch, args.seconds)
-        rows.append((f"online: read + pack + batch", packing, workers, tps, f"{eff:.3f}"))
+        rows.append(("online: read + pack + batch", packing, workers, tps, f"{eff:.3f}"))
   print(f"\n{total:,} tokens prepared; online rows of {args.seq_len} tokens, batch {args.batch}\n")
   print("| path | packing | workers | tokens/s | packing efficiency |")
   print("|---|---|---|---:|---:|")

@@ -71,7 +71,7 @@ def prepare_3gpp(input_dir: str, out_dir: str, tokenizer, vocab_size: int, eval_
   token_lists = doc_tok.encode_batch([c.text for c in clauses])
   t_tok = time.time() - t0
   docs = {"train": [], "eval": []}
-  for c, ids in zip(clauses, token_lists):
+  for c, ids in zip(clauses, token_lists, strict=True):
     docs["eval" if is_eval(c.id, eval_fraction) else "train"].append((c.id, c.text, ids))
   if os.path.isdir(os.path.join(out_dir, DATASET_NAME)) and overwrite:
     import shutil
