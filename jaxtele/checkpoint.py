@@ -46,11 +46,13 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state, data_iter, expected_meta: dict):
-    """Restore onto the shardings in `abstract_state` (any mesh); refuse a checkpoint of another model."""
+    """Restore onto the shardings in `abstract_state` (any mesh, any process count) and, unless
+    `data_iter` is None, the iterator's position; refuse a checkpoint of another model."""
     check_compatible(self.read_meta(step), expected_meta, f"{self.directory}/{step}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored["state"]
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -67,11 +69,6 @@ def check_compatible(saved: dict, expected: dict, where: str):
     if saved.get(key) != expected.get(key):
       raise JaxteleError(f"{where}: checkpoint {key} differs from this run's "
                          f"({_diff(saved.get(key), expected.get(key))}); use another run_dir or the matching config")
-  # Grain keeps one iterator state per process (data/process_<i>-of-<n>.json), so the data position
-  # cannot be carried to another process count; parameters and optimizer state could be.
-  if saved.get("process_count", expected["process_count"]) != expected["process_count"]:
-    raise JaxteleError(f"{where}: the data iterator state was saved by {saved['process_count']} process(es) and this "
-                       f"run has {expected['process_count']}; resume with {saved['process_count']} process(es)")
 
 
 def _diff(a, b) -> str:

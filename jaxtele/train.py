@@ -44,15 +44,34 @@ def host_copy(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def run_meta(cfg, model_cfg, frozen) -> dict:
+def run_meta(cfg, model_cfg, frozen, data_seed: int) -> dict:
   """What identifies a run's checkpoints; a restore must match it."""
   lora = {k: cfg.lora[k] for k in ("rank", "alpha", "targets", "rslora", "extra_trainable")} \
       if cfg.train.mode == "lora" else None
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("remat", "dtype")}
   meta = {"model": model, "mode": cfg.train.mode, "lora": lora,
           "base_fingerprint": fingerprint(frozen) if cfg.train.mode == "lora" else None,
-          "base_source": cfg.model.source, "process_count": jax.process_count(), "config": cfg.to_dict()}
+          "base_source": cfg.model.source, "process_count": jax.process_count(), "data_seed": data_seed,
+          "config": cfg.to_dict()}
   return json.loads(json.dumps(meta, default=str))  # compare as it will read back from JSON
+
+
+def data_resume(cfg, saved: dict | None, step: int | None, log) -> tuple[int, bool]:
+  """(the training stream's seed, whether to restore its iterator state from the checkpoint).
+
+  Grain keeps one iterator state per process, so the data position carries over only to the same
+  process count. On another count the model and optimizer still resume exactly, and the stream
+  restarts in a new order (seed + step) rather than replaying the epoch from its first batch.
+  """
+  if saved is None:
+    return cfg.data.seed, False
+  seed = saved.get("data_seed", cfg.data.seed)
+  if saved.get("process_count", jax.process_count()) == jax.process_count():
+    return seed, True
+  log(f"warning: step {step} was saved by {saved['process_count']} process(es) and this run has "
+      f"{jax.process_count()}: parameters and optimizer state resume exactly; the data stream restarts in a new "
+      f"order (seed {seed + step}), so documents already seen this epoch may come again")
+  return seed + step, False
 
 
 class PreemptionFlag:
@@ -121,14 +140,20 @@ def run(cfg) -> dict:
 
   tokenizer = build.load_tokenizer(cfg.model)
   doc_tok = data_setup.doc_tokenizer(cfg, tokenizer, model_cfg.vocab_size)
+  ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is not None and not cfg.checkpoint.resume:
+    raise JaxteleError(f"{ckpt.directory}: holds checkpoints up to step {latest}; set checkpoint.resume=True "
+                       "to continue, or use another run_dir")
+  data_seed, restore_data = data_resume(cfg, ckpt.read_meta(latest) if latest is not None else None, latest, log)
   pid, pcount = jax.process_index(), jax.process_count()
-  data_iter = iter(data_setup.train_data(cfg, doc_tok, pid, pcount, log))
+  data_iter = iter(data_setup.train_data(cfg, doc_tok, pid, pcount, log, seed=data_seed))
   eval_sets = data_setup.eval_data(cfg, doc_tok, pid, pcount)
 
   model = build.build_model(cfg)
   graphdef, params, frozen = build.split_model(model, cfg)
   del model
-  meta = run_meta(cfg, model_cfg, frozen)
+  meta = run_meta(cfg, model_cfg, frozen, data_seed)
   tx, lr_schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
   state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
   state_sh, frozen_sh = tree_shardings(state, mesh), tree_shardings(frozen, mesh)
@@ -137,14 +162,9 @@ def run(cfg) -> dict:
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
   log(f"{cfg.train.mode}: {n_train:,} trainable / {n_train + n_frozen:,} parameters")
 
-  ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
   if latest is not None:
-    if not cfg.checkpoint.resume:
-      raise JaxteleError(f"{ckpt.directory}: holds checkpoints up to step {latest}; set checkpoint.resume=True "
-                         "to continue, or use another run_dir")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state = ckpt.restore(latest, abstract, data_iter, meta)
+    state = ckpt.restore(latest, abstract, data_iter if restore_data else None, meta)
     log(f"resumed from {ckpt.directory}/{latest}")
 
   train_step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum), donate_argnums=(0,),

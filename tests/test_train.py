@@ -4,6 +4,7 @@ only for adapters, gradient accumulation equals one big batch, exact resume afte
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -169,9 +170,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
 
 
+def two_processes(cwd, *overrides):
+  """launch/local_multiprocess.sh: 2 processes x 4 CPU devices, run directory cwd/run."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
+  return subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "4", "--config", RECIPE,
+                         f"--config.run_dir={cwd / 'run'}", *overrides], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
 def test_two_processes_match_one(tmp_path):
   """2 processes x 4 CPU devices through jax.distributed and launch/local_multiprocess.sh give the losses
-  of 1 process x 8 devices. Every document is the same, so batches are the same however data is sharded."""
+  of 1 process x 8 devices, and their checkpoint resumes in 1 process. Every document is the same, so
+  batches are the same however data is sharded."""
   corpus = tmp_path / "same.jsonl"
   corpus.write_text((json.dumps({"text": "The AMF handles registration and mobility for the UE. " * 2}) + "\n") * 64)
   common = [f"--config.data.sources=[{{'type': 'jsonl', 'path': '{corpus}'}}]", "--config.train.steps=5",
@@ -184,10 +194,7 @@ def test_two_processes_match_one(tmp_path):
   assert rc == 0, err[-2000:]
   two = tmp_path / "two"
   two.mkdir()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
-  p = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "4", "--config", RECIPE,
-                      f"--config.run_dir={two / 'run'}", *common], cwd=two, env=env, capture_output=True, text=True,
-                     timeout=600)
+  p = two_processes(two, *common)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "over 8 cpu devices, 2 process(es)" in p.stderr
   for key in ("train/loss", "eval/same/loss"):
@@ -196,9 +203,21 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], atol=1e-5)
   assert (two / "run" / "export" / "hf" / "model.safetensors").exists()
   assert sorted(os.listdir(two / "run" / "checkpoints")) == sorted(os.listdir(one / "run" / "checkpoints"))
-  # Grain's iterator state is per process: resuming the 2-process run in 1 process is refused, untouched.
-  before = sorted(os.listdir(two / "run" / "checkpoints"))
-  rc, err = run_subprocess(two, *common[:1], "--config.train.steps=8", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-                           "--config.checkpoint.resume=True")
-  assert rc == 2 and "saved by 2 process(es) and this run has 1" in err.strip().splitlines()[-1], err[-2000:]
-  assert sorted(os.listdir(two / "run" / "checkpoints")) == before
+
+  # Resume to step 8 on another process count, both ways (2 -> 1 also onto a data x fsdp x tensor mesh). Grain's iterator states are per process, so
+  # the stream restarts in a new order (identical documents: the same batches); parameters and optimizer
+  # state must continue as in a same-count resume of `one`, which restores the data position too.
+  one_in_two = tmp_path / "one_in_two"
+  shutil.copytree(one / "run", one_in_two / "run")
+  more = ["--config.train.steps=8", "--config.checkpoint.resume=True"]
+  rc, err = run_subprocess(one, *common, *more)
+  assert rc == 0, err[-2000:]
+  rc, err = run_subprocess(two, *common, *more, "--config.mesh.fsdp=2", "--config.mesh.tensor=2")  # and another mesh
+  assert rc == 0 and "saved by 2 process(es) and this run has 1" in err, err[-2000:]
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in err
+  p = two_processes(one_in_two, *common, *more)
+  assert p.returncode == 0 and "saved by 1 process(es) and this run has 2" in p.stderr, p.stderr[-3000:]
+  want = logged(one / "run")
+  for run_dir in (two, one_in_two):
+    got = logged(run_dir / "run")
+    np.testing.assert_allclose([got[s] for s in (6, 7, 8)], [want[s] for s in (6, 7, 8)], atol=1e-5)

@@ -10,13 +10,18 @@ def doc_tokenizer(cfg, tokenizer, vocab_size: int) -> DocTokenizer:
   return DocTokenizer(tokenizer, vocab_size, cfg.data.doc_end_token)
 
 
-def train_data(cfg, doc_tok, process_index=0, process_count=1, log=lambda msg: None):
-  """The training stream; reports how many records each source holds and what it left out."""
-  sources, weights, dropped = pipeline.open_sources(cfg.data)
+def train_data(cfg, doc_tok, process_index=0, process_count=1, log=lambda msg: None, seed=None):
+  """The training stream (shuffled with `seed`, default `data.seed`); reports how many records each
+  source holds and what it left out."""
+  dcfg = cfg.data
+  if seed is not None and seed != dcfg.seed:
+    dcfg = copy.deepcopy(dcfg)
+    dcfg.seed = seed
+  sources, weights, dropped = pipeline.open_sources(dcfg)
   counts = ", ".join(f"{len(s):,}" for s in sources)
   left_out = ", ".join(f"{n:,} {why}" for why, n in sorted(dropped.items())) or "nothing"
   log(f"data: {len(sources)} source(s) with {counts} records (weights {weights}); left out: {left_out}")
-  return pipeline.build(cfg.data, doc_tok, sources=sources, weights=weights, process_index=process_index,
+  return pipeline.build(dcfg, doc_tok, sources=sources, weights=weights, process_index=process_index,
                         process_count=process_count)
 
 
