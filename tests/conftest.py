@@ -1,3 +1,5 @@
+"""Shared fixtures: emulated devices, the real SmolLM2, tiny `transformers` references, the tiny recipe."""
+
 import os
 
 # Eight emulated CPU devices for mesh tests; must be set before JAX is imported anywhere.
@@ -5,9 +7,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
+TINY_RECIPE = os.path.join(ROOT, "configs", "tiny_test.py")
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +41,152 @@ def smollm2_tokenizer():
   from jaxtele.convert import load_tokenizer, smollm2_gguf_path
 
   return load_tokenizer(smollm2_gguf_path())
+
+
+# --- Tiny random `transformers` models: the outside reference for the decoder's numbers. ---
+
+HF_BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+HF_FAMILIES = {
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama_bias": ("llama", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True)),
+    "llama3_rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                     low_freq_factor=1.0, high_freq_factor=4.0,
+                                                     original_max_position_embeddings=64))),
+    "qwen2_bias": ("qwen2", dict(tie_word_embeddings=False)),
+    "mistral_window": ("mistral", dict(sliding_window=8, tie_word_embeddings=False)),
+    "gqa_kv1": ("llama", dict(num_key_value_heads=1)),
+    "gqa_kv4": ("llama", dict(num_key_value_heads=4)),
+}
+
+
+@pytest.fixture(scope="session")
+def make_hf_model():
+  """make_hf_model(name, seed=0, **config_overrides) -> a tiny `transformers` model, every weight random."""
+  import torch
+  import transformers
+
+  classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+             "mistral": transformers.MistralConfig}
+
+  def make(name: str, seed: int = 0, **overrides):
+    family, extra = HF_FAMILIES[name]
+    cfg = classes[family](**(HF_BASE | extra | overrides))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # Randomise everything, norms and zero-initialised biases included.
+      for pname, p in model.named_parameters():
+        p.normal_(1.0 if "norm" in pname else 0.0, 0.1 if "norm" in pname else 0.05)
+    return model
+
+  return make
+
+
+@pytest.fixture(scope="session")
+def hf_logits():
+  """hf_logits(model, tokens) -> fp32 numpy logits of a `transformers` model."""
+  import torch
+
+  def logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+      return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+  return logits
+
+
+# --- The tiny recipe (configs/tiny_test.py) on the generated corpus. ---
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory):
+  from jaxtele.data.synthetic import ensure_corpus
+
+  folder = tmp_path_factory.mktemp("corpus")
+  ensure_corpus(str(folder))
+  return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, synthetic_corpus):
+  """A fresh working directory holding runs/corpus (what the tiny recipe reads), made current."""
+  os.makedirs(tmp_path / "runs", exist_ok=True)
+  if not os.path.exists(tmp_path / "runs" / "corpus"):
+    os.symlink(synthetic_corpus, tmp_path / "runs" / "corpus")
+  monkeypatch.chdir(tmp_path)
+  return tmp_path
+
+
+@pytest.fixture
+def tiny(workdir):
+  """tiny(*overrides, run_dir=None) -> the tiny recipe's config, run directory under the test's tmp dir."""
+  from jaxtele.config import load_config
+
+  def make(*overrides, run_dir=None):
+    return load_config(TINY_RECIPE, [f"--config.run_dir={run_dir or workdir / 'run'}", *overrides])
+
+  return make
+
+
+def _link_corpus(cwd, corpus):
+  os.makedirs(os.path.join(cwd, "runs"), exist_ok=True)
+  if not os.path.exists(os.path.join(cwd, "runs", "corpus")):
+    os.symlink(corpus, os.path.join(cwd, "runs", "corpus"))
+
+
+@pytest.fixture
+def train_cli(synthetic_corpus):
+  """train_cli(cwd, *overrides, devices=8, wait=True, recipe=tiny): `python -m jaxtele.train` in a subprocess,
+  run directory cwd/run. Returns (returncode, stderr), or the Popen with wait=False."""
+
+  def run(cwd, *overrides, devices=8, wait=True, recipe=TINY_RECIPE):
+    _link_corpus(cwd, synthetic_corpus)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "jaxtele.train", "--config", recipe, f"--config.run_dir={cwd / 'run'}", *overrides]
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+      return p
+    _, err = p.communicate(timeout=600)
+    return p.returncode, err
+
+  return run
+
+
+@pytest.fixture
+def launch_two(synthetic_corpus):
+  """launch_two(cwd, *overrides): launch/local_multiprocess.sh, 2 processes x 4 CPU devices, run dir cwd/run."""
+
+  def run(cwd, *overrides, wait=True):
+    _link_corpus(cwd, synthetic_corpus)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONUNBUFFERED": "1",
+                                                                       "PYTHON": sys.executable}
+    cmd = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "4", "--config", TINY_RECIPE,
+           f"--config.run_dir={cwd / 'run'}", *overrides]
+    if not wait:
+      return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+  return run
+
+
+@pytest.fixture(scope="session")
+def wait_for_lines():
+  """wait_for_lines(path, n): until a running trainer has logged `n` lines to `path`."""
+
+  def wait(path, n, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
+      time.sleep(0.05)
+
+  return wait
+
+
+@pytest.fixture(scope="session")
+def logged():
+  """logged(run_dir, key) -> {step: value} from metrics.jsonl; a step logged twice (before a kill and after
+  resume) keeps the last."""
+
+  def read(run_dir, key="train/loss"):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+  return read

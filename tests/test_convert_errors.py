@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from hf_reference import make_hf_model
 from jaxtele.convert import load_pretrained
 from jaxtele.errors import JaxteleError
 
@@ -20,7 +19,7 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
+def hf_folder(tmp_path_factory, make_hf_model):
   d = tmp_path_factory.mktemp("hf")
   make_hf_model("llama_untied").save_pretrained(d)
   return str(d)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import transformers
 
-from hf_reference import hf_logits, make_hf_model
 from jaxtele.convert import hf, load_pretrained
 from jaxtele.convert.peft import save_adapter
 from jaxtele.models.lora import add_lora, lora_paths, merge_lora
@@ -28,7 +27,7 @@ def randomize_adapters(model, seed=0):
 
 @pytest.mark.parametrize("targets,rslora", [("all-linear", False), ("q_proj,v_proj", True),
                                             (r"re:layers\.1\.mlp\..*", False)])
-def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, targets, rslora):
+def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, targets, rslora, make_hf_model, hf_logits):
   import peft
 
   ref = make_hf_model("qwen2_bias")
@@ -52,12 +51,11 @@ def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, targets, rslora):
   np.testing.assert_allclose(hf_logits(merged, TOKENS), ours, atol=1e-4)
 
 
-def test_trainer_exports_adapter_and_merged_model_that_peft_agrees_with(tmp_path):
+def test_trainer_exports_adapter_and_merged_model_that_peft_agrees_with(tmp_path, make_hf_model, hf_logits, tiny):
   """A LoRA run on an HF base: its adapter export on that base = its merged export (in transformers)."""
 
   import peft
 
-  from test_train import tiny
   from jaxtele.train import run
 
   ref = make_hf_model("llama_untied", vocab_size=264)
@@ -65,7 +63,7 @@ def test_trainer_exports_adapter_and_merged_model_that_peft_agrees_with(tmp_path
   from jaxtele.data.byte_tokenizer import byte_tokenizer
 
   byte_tokenizer().save_pretrained(tmp_path / "base")
-  cfg = tiny(tmp_path, f"--config.model.source={tmp_path / 'base'}", "--config.model.tokenizer=bytes",
+  cfg = tiny(f"--config.model.source={tmp_path / 'base'}", "--config.model.tokenizer=bytes",
              "--config.train.mode=lora", "--config.lora.rank=4", "--config.export.adapter=True",
              "--config.export.merged=True", "--config.data.seq_len=64", "--config.optimizer.lr=1e-2")
   run(cfg)
@@ -80,7 +78,7 @@ def test_trainer_exports_adapter_and_merged_model_that_peft_agrees_with(tmp_path
   assert np.abs(a - b).max() > 1e-4  # the trained adapter changed the model
 
 
-def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path):
+def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path, hf_logits, tiny):
   """`python -m jaxtele.export --source RUN_DIR` rebuilds the run from its checkpoint: same tensors as
   the trainer's own exports, for a LoRA run on a base that is not an HF folder (the tiny random init)."""
   import subprocess
@@ -88,10 +86,9 @@ def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path):
 
   from safetensors.numpy import load_file
 
-  from test_train import tiny
   from jaxtele.train import run
 
-  run(tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=4", "--config.export.adapter=True",
+  run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.export.adapter=True",
            "--config.export.merged=True"))
   runs = tmp_path / "run"
   for fmt, out, reference in (("adapter", "cli_adapter", "adapter/adapter_model.safetensors"),
@@ -112,7 +109,7 @@ def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path):
   np.testing.assert_allclose(hf_logits(adapted, tokens), hf_logits(merged, tokens), atol=1e-4)
 
 
-def test_jaxtele_format_round_trip(tmp_path):
+def test_jaxtele_format_round_trip(tmp_path, make_hf_model, hf_logits):
   from jaxtele.export import export
 
   ref = make_hf_model("qwen2_bias")

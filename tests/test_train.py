@@ -5,9 +5,6 @@ import json
 import os
 import signal
 import shutil
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,40 +17,7 @@ from jaxtele.models.decoder import init_model
 from jaxtele.models.lora import trainable_filter
 from jaxtele.step import make_train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "configs", "tiny_test.py")
-
-
-def tiny(tmp_path, *overrides):
-  os.chdir(tmp_path)  # the recipe writes its generated corpus under ./runs/corpus
-  return load_config(RECIPE, [f"--config.run_dir={tmp_path / 'run'}", *overrides])
-
-
-def run_subprocess(tmp_path, *overrides, devices=8, wait=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
-  cmd = [sys.executable, "-m", "jaxtele.train", "--config", RECIPE, f"--config.run_dir={tmp_path / 'run'}",
-         *overrides]
-  p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  if not wait:
-    return p
-  out, err = p.communicate(timeout=600)
-  return p.returncode, err
-
-
-def wait_for_lines(path, n, timeout=300):
-  """Until a running trainer has logged `n` lines to `path`."""
-  deadline = time.time() + timeout
-  while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
-    time.sleep(0.05)
-
-
-def logged(run_dir, key="train/loss"):
-  """{step: value} from metrics.jsonl; a step logged twice (before a kill and after resume) keeps the last."""
-  rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-  return {r["step"]: r[key] for r in rows if key in r}
-
-
-def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path):
+def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path, tiny, train_cli, logged):
   from jaxtele.train import run
 
   for mode in ("full", "lora"):
@@ -61,21 +25,21 @@ def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path):
     d.mkdir()
     common = [f"--config.train.mode={mode}", "--config.train.steps=8", "--config.train.log_every=1",
               "--config.lora.rank=4"]
-    res8 = run(tiny(d, *common, "--config.mesh.data=2", "--config.mesh.fsdp=4"))
+    res8 = run(tiny(*common, "--config.mesh.data=2", "--config.mesh.fsdp=4", run_dir=d / "run"))
     assert res8["losses"][-1] < res8["losses"][0] - 0.05, res8["losses"]
     one = d / "one"
     one.mkdir()
-    rc, err = run_subprocess(one, *common, "--config.mesh.data=1", devices=1)
+    rc, err = train_cli(one, *common, "--config.mesh.data=1", devices=1)
     assert rc == 0, err[-2000:]
     losses1 = [v for _, v in sorted(logged(one / "run").items())]
     np.testing.assert_allclose(losses1, res8["losses"], atol=1e-5, rtol=0)
 
 
-def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path):
+def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path, tiny):
   from jaxtele.models import build
   from jaxtele.train import run
 
-  cfg = tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj")
+  cfg = tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj")
   _, _, frozen_before = build.split_model(build.build_model(cfg), cfg)
   res = run(cfg)
   frozen_after = jax.device_get(res["frozen"])
@@ -127,22 +91,22 @@ def test_gradient_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(out[4][1]["loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5)
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+def test_exact_resume_after_sigkill(tmp_path, train_cli, wait_for_lines, logged):
   steps = 12
   common = ["--config.train.steps=12", "--config.train.log_every=1", "--config.checkpoint.every=1",
             "--config.checkpoint.async_save=True"]
   straight = tmp_path / "straight"
   straight.mkdir()
-  rc, err = run_subprocess(straight, *common)
+  rc, err = train_cli(straight, *common)
   assert rc == 0, err[-2000:]
   killed = tmp_path / "killed"
   killed.mkdir()
-  p = run_subprocess(killed, *common, wait=False)
+  p = train_cli(killed, *common, wait=False)
   wait_for_lines(killed / "run" / "metrics.jsonl", steps // 2)
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert len(logged(killed / "run")) < steps, "the run was killed before it finished"
-  rc, err = run_subprocess(killed, *common)
+  rc, err = train_cli(killed, *common)
   assert rc == 0, err[-2000:]
   assert "resumed from" in err
   want, got = logged(straight / "run"), logged(killed / "run")
@@ -158,8 +122,8 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  p = run_subprocess(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
+def test_sigterm_saves_and_exits_cleanly(tmp_path, train_cli, wait_for_lines):
+  p = train_cli(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
                      "--config.checkpoint.every=100000", wait=False)
   wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3)
   p.send_signal(signal.SIGTERM)
@@ -170,15 +134,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
 
 
-def two_processes(cwd, *overrides):
-  """launch/local_multiprocess.sh: 2 processes x 4 CPU devices, run directory cwd/run."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
-  return subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "4", "--config", RECIPE,
-                         f"--config.run_dir={cwd / 'run'}", *overrides], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=600)
-
-
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, train_cli, launch_two, logged):
   """2 processes x 4 CPU devices through jax.distributed and launch/local_multiprocess.sh give the losses
   of 1 process x 8 devices, and their checkpoint resumes in 1 process. Every document is the same, so
   batches are the same however data is sharded."""
@@ -190,11 +146,11 @@ def test_two_processes_match_one(tmp_path):
             "--config.eval.max_batches=2", "--config.export.hf=True"]
   one = tmp_path / "one"
   one.mkdir()
-  rc, err = run_subprocess(one, *common)
+  rc, err = train_cli(one, *common)
   assert rc == 0, err[-2000:]
   two = tmp_path / "two"
   two.mkdir()
-  p = two_processes(two, *common)
+  p = launch_two(two, *common)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "over 8 cpu devices, 2 process(es)" in p.stderr
   for key in ("train/loss", "eval/same/loss"):
@@ -210,12 +166,12 @@ def test_two_processes_match_one(tmp_path):
   one_in_two = tmp_path / "one_in_two"
   shutil.copytree(one / "run", one_in_two / "run")
   more = ["--config.train.steps=8", "--config.checkpoint.resume=True"]
-  rc, err = run_subprocess(one, *common, *more)
+  rc, err = train_cli(one, *common, *more)
   assert rc == 0, err[-2000:]
-  rc, err = run_subprocess(two, *common, *more, "--config.mesh.fsdp=2", "--config.mesh.tensor=2")  # and another mesh
+  rc, err = train_cli(two, *common, *more, "--config.mesh.fsdp=2", "--config.mesh.tensor=2")  # and another mesh
   assert rc == 0 and "saved by 2 process(es) and this run has 1" in err, err[-2000:]
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in err
-  p = two_processes(one_in_two, *common, *more)
+  p = launch_two(one_in_two, *common, *more)
   assert p.returncode == 0 and "saved by 1 process(es) and this run has 2" in p.stderr, p.stderr[-3000:]
   want = logged(one / "run")
   for run_dir in (two, one_in_two):

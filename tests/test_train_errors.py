@@ -7,19 +7,24 @@ import numpy as np
 import pytest
 
 from jaxtele.errors import JaxteleError
-from test_train import run_subprocess, tiny
 
 
-def train_error(tmp_path, *overrides):
-  rc, err = run_subprocess(tmp_path, *overrides)
-  lines = err.strip().splitlines()
-  assert rc == 2, err[-2000:]
-  assert lines[-1].startswith("error: ")
-  return lines[-1]
+@pytest.fixture
+def train_error(tmp_path, train_cli):
+  """train_error(*overrides) -> the last stderr line of a trainer that must exit 2 with one error line."""
+
+  def run(*overrides):
+    rc, err = train_cli(tmp_path, *overrides)
+    lines = err.strip().splitlines()
+    assert rc == 2, err[-2000:]
+    assert lines[-1].startswith("error: ")
+    return lines[-1]
+
+  return run
 
 
-def test_unknown_key_on_the_command_line(tmp_path):
-  assert "unknown key 'optimizer.learning_rate'" in train_error(tmp_path, "--config.optimizer.learning_rate=1e-3")
+def test_unknown_key_on_the_command_line(tmp_path, train_error):
+  assert "unknown key 'optimizer.learning_rate'" in train_error("--config.optimizer.learning_rate=1e-3")
 
 
 def test_unknown_key_in_a_recipe(tmp_path):
@@ -32,51 +37,51 @@ def test_unknown_key_in_a_recipe(tmp_path):
     load_config(str(recipe))
 
 
-def test_wrong_type(tmp_path):
-  assert "train.steps: cannot parse 'ten' as int" in train_error(tmp_path, "--config.train.steps=ten")
+def test_wrong_type(tmp_path, train_error, tiny):
+  assert "train.steps: cannot parse 'ten' as int" in train_error("--config.train.steps=ten")
   with pytest.raises(JaxteleError, match="train.steps: expected int, got '2.5'"):
-    tiny(tmp_path, "--config.train.steps=2.5")
+    tiny("--config.train.steps=2.5")
 
 
-def test_batch_not_divisible_by_the_mesh(tmp_path):
-  err = train_error(tmp_path, "--config.data.batch_size=12")
+def test_batch_not_divisible_by_the_mesh(tmp_path, train_error):
+  err = train_error("--config.data.batch_size=12")
   assert "data.batch_size: 12 is not divisible" in err and "data x fsdp = 8" in err
 
 
-def test_seq_longer_than_the_model_allows(tmp_path):
-  err = train_error(tmp_path, "--config.data.seq_len=512")
+def test_seq_longer_than_the_model_allows(tmp_path, train_error):
+  err = train_error("--config.data.seq_len=512")
   assert "data.seq_len: 512 exceeds the model's max_position_embeddings (256)" in err
 
 
-def test_missing_data_path(tmp_path):
-  err = train_error(tmp_path, "--config.data.sources=[{'type': 'jsonl', 'path': 'nope.jsonl'}]")
+def test_missing_data_path(tmp_path, train_error):
+  err = train_error("--config.data.sources=[{'type': 'jsonl', 'path': 'nope.jsonl'}]")
   assert "data.sources[0].path: no such file or folder nope.jsonl" in err
 
 
-def test_missing_model_path(tmp_path):
-  err = train_error(tmp_path, "--config.model.source=models/missing.gguf")
+def test_missing_model_path(tmp_path, train_error):
+  err = train_error("--config.model.source=models/missing.gguf")
   assert "model.source: no such model file or folder models/missing.gguf" in err
 
 
-def test_unknown_mode_and_schedule(tmp_path):
-  assert "train.mode: 'qlora' is not one of full, lora" in train_error(tmp_path, "--config.train.mode=qlora")
+def test_unknown_mode_and_schedule(tmp_path, train_error):
+  assert "train.mode: 'qlora' is not one of full, lora" in train_error("--config.train.mode=qlora")
 
 
-def test_checkpoint_of_another_model_or_rank_is_refused(tmp_path):
+def test_checkpoint_of_another_model_or_rank_is_refused(tmp_path, tiny):
   from jaxtele.train import run
 
-  run(tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=4", "--config.train.steps=2"))
+  run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.train.steps=2"))
   with pytest.raises(JaxteleError, match="checkpoint lora differs.*rank: checkpoint 4, run 8"):
-    run(tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=8", "--config.train.steps=4"))
+    run(tiny("--config.train.mode=lora", "--config.lora.rank=8", "--config.train.steps=4"))
   with pytest.raises(JaxteleError, match="checkpoint model differs.*hidden_size: checkpoint 32, run 48"):
-    run(tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=4", "--config.train.steps=4",
+    run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.train.steps=4",
              "--config.model.init.hidden_size=48"))
   with pytest.raises(JaxteleError, match="holds checkpoints up to step 2; set checkpoint.resume=True"):
-    run(tiny(tmp_path, "--config.train.mode=lora", "--config.lora.rank=4", "--config.checkpoint.resume=False"))
+    run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.checkpoint.resume=False"))
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  err = train_error(tmp_path, "--config.optimizer.lr=1e30", "--config.optimizer.clip=0.0",
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_error):
+  err = train_error("--config.optimizer.lr=1e30", "--config.optimizer.clip=0.0",
                     "--config.train.steps=50", "--config.checkpoint.every=1", "--config.train.log_every=1")
   assert "non-finite loss" in err and "Last good checkpoint: step" in err
   good = int(err.split("Last good checkpoint: step ")[1].split()[0])

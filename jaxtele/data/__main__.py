@@ -2,6 +2,7 @@
 
   python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer MODEL --out data/telecom
   python -m jaxtele.data inspect --config configs/quickstart.py [--batches 3]
+  python -m jaxtele.data synthetic --out runs/corpus     # the quickstart's generated corpus
 """
 
 import argparse
@@ -35,6 +36,13 @@ def inspect(args):
   print("first segment of the last batch:", repr(tok.decode(row)[:500]))
 
 
+def synthetic(args):
+  from jaxtele.data.synthetic import ensure_corpus
+
+  paths = ensure_corpus(args.out, args.train_docs, args.eval_docs, args.seed)
+  print(f"synthetic corpus: {paths['train']}, {paths['eval']}")
+
+
 def segments(batch) -> int:
   """Documents or document pieces in a batch: segment starts that are not padding."""
   return int(((batch["positions"] == 0) & (batch["segment_ids"] != 0)).sum())
@@ -56,6 +64,12 @@ def main(argv=None):
   i.add_argument("--batches", type=int, default=2)
   i.add_argument("override", nargs="*", help="--config.key=value overrides")
   i.set_defaults(fn=inspect)
+  g = sub.add_parser("synthetic", help="write the generated telecom-style corpus (quickstart, tests)")
+  g.add_argument("--out", default="runs/corpus")
+  g.add_argument("--train-docs", type=int, default=2000)
+  g.add_argument("--eval-docs", type=int, default=100)
+  g.add_argument("--seed", type=int, default=0)
+  g.set_defaults(fn=synthetic)
   args = p.parse_args(argv)
   args.fn(args)
 
