@@ -54,11 +54,28 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_params(self, step: int, params, cfg):
+    """Only the trainable parameters of a step, as host arrays (export, evaluation); `params` gives their
+    structure and the run's optimizer config the structure of the state they were saved in."""
+    from jaxtele.optimizer import make_optimizer
+    from jaxtele.step import init_state
+
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
+    state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    return jax.device_get(state["params"])
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 IDENTITY_KEYS = ("model", "mode", "lora", "base_fingerprint")

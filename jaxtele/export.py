@@ -113,33 +113,6 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
   return written
 
 
-def load_run(run_dir: str, step: int | None = None):
-  """(config, graphdef, params, frozen, tokenizer) of a run's checkpoint; the base is reloaded from the
-  run's `model.source` and must match the fingerprint the checkpoint recorded."""
-  import jax
-  import ml_collections
-  import orbax.checkpoint as ocp
-
-  from jaxtele.checkpoint import Checkpointer, check_compatible, fingerprint
-  from jaxtele.models import build
-  from jaxtele.optimizer import make_optimizer
-
-  ckpt = Checkpointer(run_dir, keep=1, async_save=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise JaxteleError(f"{ckpt.directory}: no checkpoint to export")
-  meta = ckpt.read_meta(step)
-  cfg = ml_collections.ConfigDict(meta["config"])
-  graphdef, params, frozen = build.split_model(build.build_model(cfg), cfg)
-  if cfg.train.mode == "lora":
-    check_compatible(meta, {**meta, "base_fingerprint": fingerprint(frozen)}, f"{ckpt.directory}/{step}")
-  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
-  abstract = jax.eval_shape(lambda p: {"step": 0, "params": p, "opt_state": tx.init(p)}, params)
-  state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  ckpt.close()
-  return cfg, graphdef, jax.device_get(state["params"]), frozen, build.load_tokenizer(cfg.model)
-
-
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
            step: int | None = None):
   from flax import nnx
@@ -152,6 +125,8 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
     raise JaxteleError(f"--dtype: unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
   lora, base = None, ""
   if os.path.isdir(os.path.join(source, "checkpoints")):
+    from jaxtele.build import load_run
+
     cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
     model = nnx.merge(graphdef, params, frozen)
     lora = {k: cfg.lora[k] for k in ("rank", "alpha", "rslora")}

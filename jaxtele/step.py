@@ -14,6 +14,11 @@ from jaxtele.loss import masked_sum_and_count
 from jaxtele.sharding import path_str
 
 
+def init_state(params, tx) -> dict:
+  """The train state: what a checkpoint holds besides the data position (the frozen base is not in it)."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
 def loss_sums(graphdef, params, frozen, batch):
   model = nnx.merge(graphdef, params, frozen)
   logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])

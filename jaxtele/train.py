@@ -4,7 +4,6 @@ config -> mesh -> model -> data -> loop (log, evaluate, checkpoint) -> export.
 """
 
 import dataclasses
-import itertools
 import json
 import signal
 import sys
@@ -19,20 +18,18 @@ from jaxtele.config import check_paths, load_config, validate
 from jaxtele.data import setup as data_setup
 from jaxtele.data.pipeline import packing_efficiency
 from jaxtele.errors import JaxteleError, cli
+from jaxtele.eval.perplexity import evaluate
 from jaxtele.metrics import MetricsWriter, flops_per_token, peak_flops
-from jaxtele.models import build
+from jaxtele import build
 from jaxtele.optimizer import make_optimizer
 from jaxtele.sharding import batch_sharding, global_batch, make_mesh, tree_shardings
-from jaxtele.step import make_eval_step, make_train_step
+from jaxtele.step import init_state, make_eval_step, make_train_step
 
 
 def put(tree, shardings):
   """Host arrays (identical on every process) -> global arrays with the given shardings."""
   return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
                       tree, shardings)
-
-
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def host_copy(tree):
@@ -105,28 +102,6 @@ class Throughput:
     return out
 
 
-def evaluate(eval_step, params, frozen, eval_sets, mesh, max_batches, local_shape) -> dict:
-  """Perplexity per set. With several processes every process runs `max_batches` steps (validation
-  requires it to be set), feeding empty batches once its shard is exhausted, so collectives line up."""
-  out = {}
-  for name, ds in eval_sets.items():
-    total = count = 0.0
-    it = iter(ds)
-    for i in itertools.count():
-      if max_batches and i >= max_batches:
-        break
-      batch = next(it, None)
-      if batch is None:
-        if jax.process_count() == 1:
-          break
-        batch = {k: np.zeros(local_shape, np.int32) for k in BATCH_KEYS}  # segment 0: nothing counted
-      s, c = eval_step(params, frozen, global_batch(batch, mesh))
-      total, count = total + float(s), count + float(c)
-    loss = total / max(count, 1.0)
-    out.update({f"eval/{name}/loss": loss, f"eval/{name}/ppl": float(np.exp(loss)), f"eval/{name}/tokens": count})
-  return out
-
-
 def run(cfg) -> dict:
   distributed.initialize()
   check_paths(cfg)
@@ -155,7 +130,7 @@ def run(cfg) -> dict:
   del model
   meta = run_meta(cfg, model_cfg, frozen, data_seed)
   tx, lr_schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-  state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
+  state = init_state(params, tx)
   state_sh, frozen_sh = tree_shardings(state, mesh), tree_shardings(frozen, mesh)
   state, frozen = put(state, state_sh), put(frozen, frozen_sh)
   n_train = sum(x.size for x in jax.tree.leaves(params))

@@ -14,7 +14,7 @@ from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import init_model
 from jaxtele.models.lora import add_lora, trainable_filter
 from jaxtele.optimizer import make_optimizer, schedule
-from jaxtele.step import make_train_step
+from jaxtele.step import init_state, make_train_step
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, qkv_bias=True)
@@ -52,7 +52,7 @@ def one_step(cfg: ModelConfig, mode="full", extra="", trained=True, ocfg=None, l
   graphdef, params, frozen = nnx.split(model, trainable_filter(mode, extra), ...)
   params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
   tx, _ = make_optimizer(ocfg or opt_cfg(warmup_ratio=0.0), 10)
-  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+  state = init_state(params, tx)
   new, metrics = jax.jit(make_train_step(graphdef, tx, 1))(state, frozen, batch_of(trained=trained))
   return params, new["params"], frozen, metrics
 

@@ -15,7 +15,7 @@ from jaxtele.config import load_config
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import init_model
 from jaxtele.models.lora import trainable_filter
-from jaxtele.step import make_train_step
+from jaxtele.step import init_state, make_train_step
 
 def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path, tiny, train_cli, logged):
   from jaxtele.train import run
@@ -36,7 +36,7 @@ def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path, tin
 
 
 def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path, tiny):
-  from jaxtele.models import build
+  from jaxtele import build
   from jaxtele.train import run
 
   cfg = tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj")
@@ -80,7 +80,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   tx = optax.sgd(1.0)
   out = {}
   for k in (1, 4):
-    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+    state = init_state(params, tx)
     out[k] = jax.jit(make_train_step(graphdef, tx, k))(state, frozen, batch)
   np.testing.assert_allclose(out[1][1]["loss"], out[4][1]["loss"], atol=1e-5)
   for a, b in zip(jax.tree.leaves(out[1][0]["params"]), jax.tree.leaves(out[4][0]["params"]), strict=True):

@@ -21,10 +21,10 @@ def measure(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
+  from jaxtele import build
   from jaxtele.config import default_config, load_config
-  from jaxtele.models import build
   from jaxtele.optimizer import make_optimizer
-  from jaxtele.step import make_train_step
+  from jaxtele.step import init_state, make_train_step
 
   cfg = load_config("configs/quickstart.py") if not args.source else default_config()
   cfg.model.update(source=args.source, dtype=args.dtype, remat=args.remat)
@@ -34,7 +34,7 @@ def measure(args) -> dict:
   graphdef, params, frozen = build.split_model(model, cfg)
   del model
   tx, _ = make_optimizer(cfg.optimizer, 1000)
-  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+  state = init_state(params, tx)
   step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0,))
   B, T = args.batch, args.seq_len
   V = build.model_config(cfg.model).vocab_size

@@ -42,7 +42,7 @@ def eval_data(cfg, doc_tok, process_index=0, process_count=1) -> dict:
 
 def data_for(cfg, log=print):
   """(tokenizer, training dataset) of a config, for inspection."""
-  from jaxtele.models.build import load_tokenizer, model_config
+  from jaxtele.build import load_tokenizer, model_config
 
   tokenizer = load_tokenizer(cfg.model)
   return tokenizer, train_data(cfg, doc_tokenizer(cfg, tokenizer, model_config(cfg.model).vocab_size), log=log)

@@ -1,4 +1,7 @@
-"""From a run config to a model ready to train: load or initialise, add LoRA, split what trains."""
+"""From a config to a model: load or initialise, add LoRA, split what trains; and back from a run's checkpoint.
+
+The one place that joins `models` (the decoder) with `convert` (weights on disk): `models` imports neither.
+"""
 
 import dataclasses
 
@@ -6,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtele import convert
+from jaxtele.data.byte_tokenizer import byte_tokenizer
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
 from jaxtele.models.lora import add_lora, trainable_filter
@@ -17,30 +22,23 @@ def runtime(mcfg) -> dict:
 
 def model_config(mcfg) -> ModelConfig:
   """The ModelConfig a run uses, without loading weights."""
-  from jaxtele.convert import model_config as source_config
-
   if mcfg.source:
-    return source_config(mcfg.source, **runtime(mcfg))
+    return convert.model_config(mcfg.source, **runtime(mcfg))
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   return ModelConfig(**{k: v for k, v in mcfg.init.to_dict().items() if k in fields}, **runtime(mcfg))
 
 
 def load_tokenizer(mcfg):
-  from jaxtele.convert import load_tokenizer as from_source
-  from jaxtele.data.byte_tokenizer import byte_tokenizer
-
   if mcfg.tokenizer == "bytes":
     return byte_tokenizer()
-  return from_source(mcfg.tokenizer or mcfg.source)
+  return convert.load_tokenizer(mcfg.tokenizer or mcfg.source)
 
 
 def build_model(cfg) -> Decoder:
   """The model of `cfg.model`, with LoRA leaves when `cfg.train.mode == 'lora'`."""
-  from jaxtele.convert import load_pretrained
-
   mcfg = cfg.model
   if mcfg.source:
-    model = load_pretrained(mcfg.source, **runtime(mcfg)).model
+    model = convert.load_pretrained(mcfg.source, **runtime(mcfg)).model
   else:
     model = init_model(model_config(mcfg), seed=cfg.seed)
   if cfg.train.mode == "lora":
@@ -59,3 +57,24 @@ def split_model(model: Decoder, cfg):
   base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
   frozen = jax.tree.map(lambda x: x.astype(base_dtype) if base_dtype else x, nnx.to_pure_dict(frozen))
   return graphdef, params, frozen
+
+
+def load_run(run_dir: str, step: int | None = None):
+  """(config, graphdef, params, frozen, tokenizer) of a run's checkpoint (latest, or `step`); the base is
+  reloaded from the run's `model.source` and must match the fingerprint the checkpoint recorded."""
+  import ml_collections
+
+  from jaxtele.checkpoint import Checkpointer, check_compatible, fingerprint
+  from jaxtele.errors import JaxteleError
+
+  with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise JaxteleError(f"{ckpt.directory}: no checkpoint")
+    meta = ckpt.read_meta(step)
+    cfg = ml_collections.ConfigDict(meta["config"])
+    graphdef, params, frozen = split_model(build_model(cfg), cfg)
+    if cfg.train.mode == "lora":
+      check_compatible(meta, {**meta, "base_fingerprint": fingerprint(frozen)}, f"{ckpt.directory}/{step}")
+    params = ckpt.restore_params(step, params, cfg)
+  return cfg, graphdef, params, frozen, load_tokenizer(cfg.model)
