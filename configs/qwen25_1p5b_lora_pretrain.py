@@ -15,7 +15,7 @@ def get_config():
   cfg = default_config()
   cfg.run_dir = "runs/qwen25_1p5b_lora_pretrain"
   cfg.model.source = "Qwen/Qwen2.5-1.5B"
-  cfg.model.update(param_dtype="bfloat16", dtype="bfloat16", remat=True)
+  cfg.model.update(param_dtype="bfloat16", dtype="bfloat16", remat="full")
   cfg.data.sources = [{"type": "tfds", "path": TELECOM, "split": "train"}]
   cfg.data.update(format="tokens", seq_len=2048, batch_size=64, packing="first_fit", num_packing_bins=64, workers=2)
   cfg.eval.sets = [

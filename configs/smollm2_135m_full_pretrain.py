@@ -22,7 +22,7 @@ def get_config():
   cfg = default_config()
   cfg.run_dir = "runs/smollm2_135m_full_pretrain"
   cfg.model.source = "HuggingFaceTB/SmolLM2-135M"  # or a local HF folder, or the SmolLM2 .gguf
-  cfg.model.update(param_dtype="float32", dtype="bfloat16", remat=True)
+  cfg.model.update(param_dtype="float32", dtype="bfloat16", remat="full")
   cfg.data.sources = [{"type": "tfds", "path": TELECOM, "split": "train"}]
   cfg.data.update(format="tokens", seq_len=2048, batch_size=120, packing="first_fit", num_packing_bins=64, workers=2)
   cfg.eval.sets = [

@@ -17,7 +17,7 @@ from jaxtele.models.lora import add_lora, trainable_filter
 
 
 def runtime(mcfg) -> dict:
-  return {"param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype, "remat": mcfg.remat}
+  return {"param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype, "remat": mcfg.remat, "attention": mcfg.attention}
 
 
 def model_config(mcfg) -> ModelConfig:
@@ -48,15 +48,34 @@ def build_model(cfg) -> Decoder:
 
 
 def split_model(model: Decoder, cfg):
-  """-> (graphdef, trainable params, frozen params) as pure dicts.
+  """-> (graphdef, trainable params, frozen params) as pure dicts (of arrays, or of ShapeDtypeStructs for an
+  abstract model).
 
   Trainable leaves are fp32 master weights; the frozen base is stored in `lora.base_dtype`.
   """
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, cfg.lora.extra_trainable), ...)
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(trainable))
   base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
-  frozen = jax.tree.map(lambda x: x.astype(base_dtype) if base_dtype else x, nnx.to_pure_dict(frozen))
+  params = jax.tree.map(lambda x: cast(x, jnp.float32), nnx.to_pure_dict(trainable))
+  frozen = jax.tree.map(lambda x: cast(x, base_dtype) if base_dtype else x, nnx.to_pure_dict(frozen))
   return graphdef, params, frozen
+
+
+def cast(x, dtype):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(x.shape, dtype)
+  return x.astype(dtype)
+
+
+def abstract_split(cfg):
+  """split_model of the run's model with shapes only: nothing is loaded or allocated (dry runs, planning)."""
+  def make():
+    model = init_model(model_config(cfg.model), seed=cfg.seed)
+    if cfg.train.mode == "lora":
+      lc = cfg.lora
+      add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora)
+    return model
+
+  return split_model(nnx.eval_shape(make), cfg)
 
 
 def load_run(run_dir: str, step: int | None = None):

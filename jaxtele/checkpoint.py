@@ -6,6 +6,7 @@ save leaves nothing that `latest_step()` would pick up. LoRA runs store only the
 plus the base's identity; the base is reloaded from `model.source` and must match its fingerprint.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -79,6 +80,18 @@ class Checkpointer:
 
 
 IDENTITY_KEYS = ("model", "mode", "lora", "base_fingerprint")
+LORA_KEYS = ("rank", "alpha", "targets", "rslora", "extra_trainable")
+
+
+def run_meta(cfg, model_cfg, frozen, data_seed: int) -> dict:
+  """What identifies a run's checkpoints (a restore must match `IDENTITY_KEYS`), and what resuming needs."""
+  lora = {k: cfg.lora[k] for k in LORA_KEYS} if cfg.train.mode == "lora" else None
+  model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("remat", "dtype", "attention")}
+  meta = {"model": model, "mode": cfg.train.mode, "lora": lora,
+          "base_fingerprint": fingerprint(frozen) if cfg.train.mode == "lora" else None,
+          "base_source": cfg.model.source, "process_count": jax.process_count(), "data_seed": data_seed,
+          "config": cfg.to_dict()}
+  return json.loads(json.dumps(meta, default=str))  # compare as it will read back from JSON
 
 
 def check_compatible(saved: dict, expected: dict, where: str):

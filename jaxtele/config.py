@@ -1,47 +1,60 @@
-"""Run configuration: ml_collections defaults, recipe files (`configs/*.py` with `get_config()`),
-`--config.key=value` overrides, and validation that runs before anything heavy.
+"""Run configuration: defaults, recipe files (`configs/*.py` with `get_config()`), `--config.key=value`
+overrides parsed by `ml_collections.config_flags`, and one validation pass before anything heavy.
 
-Every error is one line naming the key.
+Every key has a rule (type and range, or a choice set) in `RULES`; every error is one line naming the key
+(or the recipe's file:line) and what is allowed.
 """
 
-import ast
 import dataclasses
-import importlib.util
+import math
 import os
+import sys
+import traceback
 
 import ml_collections
-from ml_collections import FieldReference
+from absl import flags
+from ml_collections import FieldReference, config_flags
 
-from jaxtele.data.pipeline import default_config as data_defaults
+from jaxtele.data.packing import PACKINGS
+from jaxtele.data.pipeline import FORMATS, default_config as data_defaults
+from jaxtele.data.sft import TEMPLATES
 from jaxtele.errors import JaxteleError
-from jaxtele.models.config import ModelConfig
+from jaxtele.models.attention import ATTENTION_IMPLS
+from jaxtele.models.config import FAMILIES, REMAT_POLICIES, ModelConfig
+
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+FILE_SOURCES = ("text", "jsonl", "json", "parquet")
+PLATFORMS = ("any", "cpu", "gpu", "tpu")
+LOSSES = ("plain", "chunked")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  model_init = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                if f.name not in ("param_dtype", "dtype", "remat", "rope_scaling", "sliding_window",
-                                  "bos_token_id", "eos_token_id", "pad_token_id")}
+  model_init = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in INIT_KEYS}
   cfg = ml_collections.ConfigDict({
       "run_dir": "runs/default",
       "seed": 0,
       "model": {
-          "source": "",  # HF folder, hub id or .gguf; empty: random init from model.init
+          "source": "",  # HF folder, hub id, .gguf or jaxtele folder; empty: random init from model.init
           "tokenizer": "",  # empty: the source's; "bytes": the built-in byte tokenizer
           "init": model_init,
           "param_dtype": "float32",
           "dtype": "float32",
-          "remat": False,
+          "remat": "none",  # a policy name: see models/config.py REMAT_POLICIES
+          "attention": "auto",  # auto: the fastest implementation the backend has (models/attention.py)
       },
       "data": data_defaults(),
       # every 0: only at the end; at_start: a baseline before the first step (what forgetting is measured against)
-      "eval": {"every": 0, "at_start": False, "max_batches": 8, "batch_size": 8, "sets": []},
+      "eval": {"every": 0, "at_start": False, "max_batches": 8, "batch_size": 8, "sets": ()},
       "train": {"mode": "full", "steps": 100, "grad_accum": 1, "log_every": 10,
-                "stop_at": 0},  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
+                "stop_at": 0,  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
+                "loss": "plain", "loss_chunk": 1024},  # chunked: the [B, T, V] logits are never all alive
       "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear", "rslora": False,
                "extra_trainable": "", "base_dtype": "float32"},
       "optimizer": {"lr": 1e-4, "schedule": "cosine", "warmup_ratio": 0.03, "final_lr_ratio": 0.1,
                     "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip": 1.0},
-      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+      # Axis sizes (-1: the rest of the devices); require: refuse to run on another platform.
+      "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "require": "any"},
       "checkpoint": {"every": 100, "keep": 3, "async_save": True, "resume": True},
       "export": {"hf": False, "adapter": False, "merged": False, "dtype": FieldReference(None, field_type=str)},
   })
@@ -49,86 +62,181 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+# --- Rules: one per key. ---
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  kind: type | tuple
+  lo: float | None = None  # inclusive unless lo_open
+  hi: float | None = None  # inclusive unless hi_open
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: tuple = ()
+  optional: bool = False  # None allowed
+
+  def check(self, key: str, value):
+    if value is None:
+      if not self.optional:
+        raise JaxteleError(f"config: {key}: must be set")
+      return
+    kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+      names = " or ".join(k.__name__ for k in kinds)
+      raise JaxteleError(f"config: {key}: expected {names}, got {value!r}")
+    if self.choices and value not in self.choices:
+      raise JaxteleError(f"config: {key}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      if isinstance(value, float) and not math.isfinite(value):
+        raise JaxteleError(f"config: {key}: must be finite, got {value}")
+      if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+        raise JaxteleError(f"config: {key}: must be {'>' if self.lo_open else '>='} {self.lo}, got {value}{self.span()}")
+      if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+        raise JaxteleError(f"config: {key}: must be {'<' if self.hi_open else '<='} {self.hi}, got {value}{self.span()}")
+
+  def span(self) -> str:
+    if self.lo is None or self.hi is None:
+      return ""
+    return f" (allowed: {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'})"
+
+
+def choice(*values):
+  return Rule(str, choices=values)
+
+
+POSITIVE, NONNEG, STR, BOOL = Rule(int, lo=1), Rule(int, lo=0), Rule(str), Rule(bool)
+UNIT_OPEN = Rule(float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
+INIT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+             "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias")
+
+RULES = {
+    "run_dir": Rule(str), "seed": NONNEG,
+    "model.source": STR, "model.tokenizer": STR, "model.param_dtype": choice(*DTYPES),
+    "model.dtype": choice(*DTYPES), "model.remat": choice(*REMAT_POLICIES),
+    "model.attention": choice(*ATTENTION_IMPLS),
+    "model.init.model_type": choice(*FAMILIES), "model.init.vocab_size": POSITIVE,
+    "model.init.hidden_size": POSITIVE, "model.init.intermediate_size": POSITIVE, "model.init.num_layers": POSITIVE,
+    "model.init.num_heads": POSITIVE, "model.init.num_kv_heads": POSITIVE, "model.init.head_dim": Rule(int, lo=2),
+    "model.init.rms_norm_eps": Rule(float, lo=0.0, lo_open=True), "model.init.rope_theta": Rule(float, lo=0.0, lo_open=True),
+    "model.init.max_position_embeddings": POSITIVE, "model.init.tie_word_embeddings": BOOL,
+    "model.init.qkv_bias": BOOL, "model.init.o_bias": BOOL, "model.init.mlp_bias": BOOL,
+    "data.sources": Rule(tuple), "data.format": choice(*FORMATS), "data.sft_template": choice(*TEMPLATES),
+    "data.doc_end_token": Rule(str, optional=True), "data.seq_len": Rule(int, lo=2), "data.batch_size": POSITIVE,
+    "data.packing": choice(*PACKINGS), "data.num_packing_bins": POSITIVE, "data.shuffle": BOOL, "data.seed": NONNEG,
+    "data.num_epochs": Rule(int, lo=1, optional=True), "data.workers": NONNEG,
+    "eval.every": NONNEG, "eval.at_start": BOOL, "eval.max_batches": NONNEG, "eval.batch_size": POSITIVE,
+    "eval.sets": Rule(tuple),
+    "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
+    "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
+    "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
+    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES),
+    "optimizer.lr": Rule(float, lo=0.0, lo_open=True), "optimizer.schedule": choice(*SCHEDULES),
+    "optimizer.warmup_ratio": UNIT_OPEN, "optimizer.final_lr_ratio": Rule(float, lo=0.0, hi=1.0),
+    "optimizer.weight_decay": Rule(float, lo=0.0), "optimizer.b1": UNIT_OPEN, "optimizer.b2": UNIT_OPEN,
+    "optimizer.eps": Rule(float, lo=0.0, lo_open=True), "optimizer.clip": Rule(float, lo=0.0),
+    "mesh.data": Rule(int, lo=-1), "mesh.fsdp": Rule(int, lo=-1), "mesh.tensor": Rule(int, lo=-1),
+    "mesh.require": choice(*PLATFORMS),
+    "checkpoint.every": POSITIVE, "checkpoint.keep": POSITIVE, "checkpoint.async_save": BOOL, "checkpoint.resume": BOOL,
+    "export.hf": BOOL, "export.adapter": BOOL, "export.merged": BOOL,
+    "export.dtype": Rule(str, choices=("float32", "bfloat16", "float16"), optional=True),
+}
+
+
+def leaves(cfg, prefix="") -> dict:
+  """{dotted key: value} for every leaf of a ConfigDict."""
+  out = {}
+  for k, v in cfg.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out |= leaves(v, key + ".")
+    else:
+      out[key] = v
+  return out
+
+
+def check_rules(cfg):
+  """Every key against its rule: type, range or choices. A key without a rule is a bug, not a pass."""
+  for key, value in leaves(cfg).items():
+    if key not in RULES:
+      raise JaxteleError(f"config: {key}: no validation rule for this key")
+    RULES[key].check(key, value)
+  for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+    if cfg.mesh[key.split(".")[1]] == 0:
+      raise JaxteleError(f"config: {key}: must be -1 (the rest of the devices) or >= 1, got 0")
+
+
+# --- Loading: config_flags parses the recipe and the overrides. ---
+
 def load_config(path: str, overrides=()) -> ml_collections.ConfigDict:
-  """Load a recipe file and apply `--config.a.b=value` overrides; unknown keys and bad types are refused."""
+  """A recipe file plus `--config.a.b=value` overrides, checked against `RULES`."""
   if not os.path.isfile(path):
     raise JaxteleError(f"--config: no such config file {path}")
-  spec = importlib.util.spec_from_file_location("jaxtele_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-  except AttributeError as e:  # ConfigDict refuses new keys on a locked config: a typo in the recipe
-    raise JaxteleError(f"{path}: {e}") from None
+  base = _parse(path, [])
   for item in overrides:
-    apply_override(cfg, item)
+    key, sep, _ = item.removeprefix("--config.").partition("=")
+    if not item.startswith("--config.") or not sep:
+      raise JaxteleError(f"unknown argument {item!r} (usage: --config FILE [--config.key=value ...])")
+    _check_key(base, key)
+  cfg = _parse(path, list(overrides)) if overrides else base
+  check_rules(cfg)
   return cfg
 
 
-def set_key(cfg, dotted: str, value):
-  *parents, leaf = dotted.split(".")
-  node = cfg
-  for p in parents:
-    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-      raise JaxteleError(f"config: unknown key {dotted!r}")
-    node = node[p]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise JaxteleError(f"config: unknown key {dotted!r}")
-  if isinstance(node[leaf], ml_collections.ConfigDict) and isinstance(value, dict):
-    for k, v in value.items():
-      set_key(cfg, f"{dotted}.{k}", v)
-    return
+def _parse(path: str, overrides: list):
+  argv = ["jaxtele", f"--config={path}", *overrides]
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
   try:
-    node[leaf] = value
-  except (TypeError, ValueError) as e:
-    raise JaxteleError(f"config: {dotted}: {str(e).splitlines()[0]}") from None
+    fv(argv)
+    return holder.value
+  except flags.IllegalFlagValueError as e:  # "flag --config.a.b=v: why"
+    flag, _, why = str(e).partition(": ")
+    key, _, raw = flag.removeprefix("flag --config.").partition("=")
+    raise JaxteleError(f"config: {key}: cannot parse {raw!r} ({why.splitlines()[0]})") from None
+  except Exception as e:  # an error raised while executing the recipe: name its file and line
+    raise JaxteleError(_recipe_error(path, e)) from None
 
 
-def apply_override(cfg, item: str):
-  """'--config.optimizer.lr=3e-4' (or 'optimizer.lr=3e-4')."""
-  key, sep, raw = item.removeprefix("--").removeprefix("config.").partition("=")
-  if not sep:
-    raise JaxteleError(f"override {item!r}: expected --config.key=value")
-  current = _get(cfg, key)
-  set_key(cfg, key, parse_value(raw, current, key))
+def _recipe_error(path: str, e: BaseException) -> str:
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f"{path}:{e.lineno}: syntax error: {e.msg}"
+  cause = e
+  while cause.__cause__ or cause.__context__:  # config_flags re-raises; find the recipe's own error
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, SyntaxError) and cause.lineno:
+    return f"{os.path.basename(cause.filename or path)}:{cause.lineno}: syntax error: {cause.msg}"
+  frames = [f for f in traceback.extract_tb(cause.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+  where = f"{path}:{frames[-1].lineno}" if frames else path
+  what = f"unknown key {str(cause).strip(chr(34) + chr(39))!r}" if isinstance(cause, AttributeError) else \
+      f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+  return f"{where}: {what}"
 
 
-def _get(cfg, dotted):
+def _check_key(cfg, dotted: str):
   node = cfg
   for p in dotted.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or p not in node:
       raise JaxteleError(f"config: unknown key {dotted!r}")
     node = node[p]
-  return node
 
 
-def parse_value(raw: str, current, key: str):
-  """Parse an override by the type of the value it replaces."""
-  if isinstance(current, bool):
-    if raw.lower() not in ("true", "false", "1", "0"):
-      raise JaxteleError(f"config: {key}: expected true/false, got {raw!r}")
-    return raw.lower() in ("true", "1")
-  if isinstance(current, str) and not raw.startswith(("[", "(")):
-    return raw
-  if raw.lower() in ("none", "null"):
-    return None
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    if current is None or isinstance(current, str):
-      return raw
-    raise JaxteleError(f"config: {key}: cannot parse {raw!r} as {type(current).__name__}") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if current is not None and not isinstance(current, (list, tuple, str)) and type(value) is not type(current):
-    raise JaxteleError(f"config: {key}: expected {type(current).__name__}, got {raw!r}")
-  return value
+def from_argv(argv) -> ml_collections.ConfigDict:
+  """`--config FILE [--config.key=value ...]` (the CLI's arguments) -> a checked config."""
+  path, overrides = None, []
+  args = iter(argv)
+  for a in args:
+    if a == "--config":
+      path = next(args, None)
+    elif a.startswith("--config="):
+      path = a.split("=", 1)[1]
+    else:
+      overrides.append(a)
+  if not path:
+    raise JaxteleError("--config: required (e.g. --config configs/quickstart.py)")
+  return load_config(path, overrides)
 
 
-DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("cosine", "linear", "constant")
-FILE_SOURCES = ("text", "jsonl", "json", "parquet")
-
+# --- Checks that need the model, the devices or the file system. ---
 
 def check_paths(cfg):
   """Data and model paths, before anything is loaded."""
@@ -148,17 +256,8 @@ def check_paths(cfg):
 
 
 def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
-  """Semantic checks that need the model config and the device count; each error names its key."""
-  choices = {"train.mode": ("full", "lora"), "optimizer.schedule": SCHEDULES, "model.dtype": DTYPES,
-             "model.param_dtype": DTYPES, "lora.base_dtype": DTYPES}
-  for key, allowed in choices.items():
-    value = _get(cfg, key)
-    if value not in allowed:
-      raise JaxteleError(f"config: {key}: {value!r} is not one of {', '.join(allowed)}")
-  for key in ("train.steps", "train.grad_accum", "train.log_every", "checkpoint.every", "checkpoint.keep",
-              "data.seq_len", "data.batch_size"):
-    if _get(cfg, key) <= 0:
-      raise JaxteleError(f"config: {key}: must be positive, got {_get(cfg, key)}")
+  """Checks across keys, against the model config and the device count; each error names its key."""
+  check_rules(cfg)
   from jaxtele.sharding import mesh_shape
 
   shape = mesh_shape(cfg.mesh, n_devices)
@@ -175,5 +274,13 @@ def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
   if cfg.data.seq_len > model_cfg.max_position_embeddings:
     raise JaxteleError(f"config: data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                        f"({model_cfg.max_position_embeddings})")
-  if not 0 <= cfg.optimizer.warmup_ratio < 1:
-    raise JaxteleError(f"config: optimizer.warmup_ratio: must be in [0, 1), got {cfg.optimizer.warmup_ratio}")
+  if cfg.model.init.num_heads % cfg.model.init.num_kv_heads and not cfg.model.source:
+    raise JaxteleError(f"config: model.init.num_kv_heads: {cfg.model.init.num_kv_heads} does not divide "
+                       f"model.init.num_heads ({cfg.model.init.num_heads})")
+  if cfg.train.stop_at > cfg.train.steps:
+    raise JaxteleError(f"config: train.stop_at: {cfg.train.stop_at} is past train.steps ({cfg.train.steps})")
+
+
+def print_config(cfg, file=sys.stderr):
+  for key, value in leaves(cfg).items():
+    print(f"  {key} = {value!r}", file=file)

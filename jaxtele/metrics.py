@@ -1,11 +1,13 @@
-"""Training metrics: a progress line on the terminal, `metrics.jsonl` and TensorBoard events.
+"""Training metrics: throughput and MFU, a progress line on the terminal, `metrics.jsonl` and TensorBoard.
 
-MFU (model FLOPs utilisation) = achieved model FLOPs/s / (devices x peak dense bf16 FLOPs/s per device).
-Model FLOPs per trained token follow PaLM (appendix B): 6 N + 12 L H Q T for full fine-tuning, where
-N = parameters in matmuls (lm_head included, the embedding lookup not), L layers, H query heads, Q head
-dim, T sequence length. With a frozen base there are no weight gradients for it, so LoRA counts
-4 N + 12 L H Q T (forward 2N, activation gradients 2N), adapter FLOPs neglected. Unknown devices
-(CPU) report no MFU.
+MFU (model FLOPs utilisation) = model FLOPs/s / (devices x peak dense bf16 FLOPs/s per device), counted as
+PaLM (appendix B) and MaxText count them. Per input token, with N = parameters in matmuls (lm_head included,
+the embedding lookup not), L layers, H query heads, Q head dim, T sequence length:
+  full FT:  6 N + 6 L H Q T   (a causal mask halves PaLM's 12 L H Q T attention term)
+  LoRA:     4 N + 6 N_adapter + 6 L H Q T   (the frozen base gets no weight gradients: forward 2N and
+            activation gradients 2N; the adapters train fully)
+Tokens count every input token (padding included), as the peers do; trained tokens are reported apart.
+Devices whose peak is unknown (CPU) report no MFU.
 """
 
 import json
@@ -15,8 +17,12 @@ import time
 
 import jax
 
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-                   ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12))
+# Dense bf16 peak FLOP/s by device kind; the most specific name first (device_kind strings: "NVIDIA H100 80GB
+# HBM3" is the SXM part, "NVIDIA H100 PCIe", "TPU v5 lite" is v5e, plain "TPU v5" / "TPU v5p" is v5p).
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+                   ("TPU v6 lite", 918e12), ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+                   ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12))
 
 
 def peak_flops(device=None) -> float | None:
@@ -24,11 +30,44 @@ def peak_flops(device=None) -> float | None:
   return next((f for name, f in PEAK_BF16_FLOPS if name.lower() in kind.lower()), None)
 
 
-def flops_per_token(model_cfg, seq_len: int, mode: str) -> float:
+def matmul_params(model_cfg) -> int:
   D, F, L, V = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, model_cfg.vocab_size
   H, K, Q = model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
-  n_matmul = L * (D * H * Q * 2 + D * K * Q * 2 + 3 * D * F) + D * V
-  return (6 if mode == "full" else 4) * n_matmul + 12 * L * H * Q * seq_len
+  return L * (D * H * Q * 2 + D * K * Q * 2 + 3 * D * F) + D * V
+
+
+def flops_per_token(model_cfg, seq_len: int, mode: str, adapter_params: int = 0) -> float:
+  """Training FLOPs per input token (see the module docstring); `adapter_params`: trainable LoRA parameters."""
+  L, H, Q = model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim
+  attention = 6 * L * H * Q * seq_len
+  if mode == "full":
+    return 6 * matmul_params(model_cfg) + attention
+  return 4 * matmul_params(model_cfg) + 6 * adapter_params + attention
+
+
+class Throughput:
+  """Since the last read: input tokens/s, trained tokens/s, MFU where the device's peak is known, and the
+  packing efficiency (real tokens / slots) of this process's batches."""
+
+  def __init__(self, flops_per_token: float):
+    self.flops_per_token, self.peak = flops_per_token, peak_flops()
+    self.reset()
+
+  def reset(self):
+    self.tokens, self.trained, self.efficiency, self.steps, self.tic = 0, 0, 0.0, 0, time.time()
+
+  def add(self, tokens: int, trained: int, efficiency: float):
+    self.tokens, self.trained = self.tokens + tokens, self.trained + trained
+    self.efficiency, self.steps = self.efficiency + efficiency, self.steps + 1
+
+  def read(self) -> dict:
+    dt = max(time.time() - self.tic, 1e-9)
+    tps = self.tokens / dt
+    mfu = tps * self.flops_per_token / (self.peak * jax.device_count()) if self.peak else None
+    out = {"train/tokens_per_s": tps, "train/trained_tokens_per_s": self.trained / dt, "train/mfu": mfu,
+           "train/packing_efficiency": self.efficiency / max(self.steps, 1)}
+    self.reset()
+    return out
 
 
 class MetricsWriter:

@@ -38,8 +38,8 @@ def test_unknown_key_in_a_recipe(tmp_path):
 
 
 def test_wrong_type(tmp_path, train_error, tiny):
-  assert "train.steps: cannot parse 'ten' as int" in train_error("--config.train.steps=ten")
-  with pytest.raises(JaxteleError, match="train.steps: expected int, got '2.5'"):
+  assert "config: train.steps: cannot parse 'ten'" in train_error("--config.train.steps=ten")
+  with pytest.raises(JaxteleError, match="train.steps: cannot parse '2.5'"):
     tiny("--config.train.steps=2.5")
 
 

@@ -70,7 +70,7 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat", default="none")
   p.add_argument("--mode", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.mode:

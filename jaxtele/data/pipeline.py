@@ -22,10 +22,9 @@ FORMATS = ("text", "tokens", "sft")
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       # Each source: {type: text|jsonl|json|parquet|tfds, path|name, weight, field, fields, split, ...}.
-      "sources": [],
+      "sources": (),
       "format": "text",  # text: raw documents; tokens: prepared token ids; sft: instruction records
       "sft_template": "alpaca",
-      "tokenizer": "",  # HF folder or .gguf; empty = the model's
       "doc_end_token": ml_collections.FieldReference(None, field_type=str),
       "seq_len": 512,
       "batch_size": 8,  # global, over all processes

@@ -25,6 +25,26 @@ def train_data(cfg, doc_tok, process_index=0, process_count=1, log=lambda msg: N
                         process_count=process_count)
 
 
+def resume_stream(cfg, saved: dict | None, step: int | None, log) -> tuple[int, bool]:
+  """(the training stream's seed, whether to restore its iterator state from the checkpoint).
+
+  Grain keeps one iterator state per process, so the data position carries over only to the same
+  process count. On another count the model and optimizer still resume exactly, and the stream
+  restarts in a new order (seed + step) rather than replaying the epoch from its first batch.
+  """
+  import jax
+
+  if saved is None:
+    return cfg.data.seed, False
+  seed = saved.get("data_seed", cfg.data.seed)
+  if saved.get("process_count", jax.process_count()) == jax.process_count():
+    return seed, True
+  log(f"warning: step {step} was saved by {saved['process_count']} process(es) and this run has "
+      f"{jax.process_count()}: parameters and optimizer state resume exactly; the data stream restarts in a new "
+      f"order (seed {seed + step}), so documents already seen this epoch may come again")
+  return seed + step, False
+
+
 def eval_data(cfg, doc_tok, process_index=0, process_count=1) -> dict:
   """{name: dataset} for `eval.sets`: every record once, in order, last batch padded."""
   out = {}

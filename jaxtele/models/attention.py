@@ -12,6 +12,8 @@ import numpy as np
 
 from jaxtele.models.config import ModelConfig
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   """Per-pair inverse frequencies [head_dim // 2], with `llama3` / `linear` scaling as HF computes them."""
@@ -56,6 +58,7 @@ def attention_mask(segment_ids_BT, sliding_window=None):
 
 def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, impl="xla"):
   """Grouped-query attention: N query heads share K kv heads in groups of G = N // K."""
+  impl = "xla" if impl == "auto" else impl
   if impl != "xla":
     raise ValueError(f"unknown attention impl {impl!r}")
   B, T, N, H = q_BTNH.shape

@@ -7,6 +7,8 @@ from jaxtele.errors import JaxteleError
 
 FAMILIES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "llama3", "linear")
+# What a remat'd layer keeps for the backward pass (models/decoder.py REMAT): none = no remat.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,8 @@ class ModelConfig:
   # Runtime policy, not part of the HF config: parameters and activations may differ.
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
+  attention: str = "auto"
 
   @property
   def rope(self) -> dict:

@@ -16,6 +16,28 @@ from jaxtele.models.config import ModelConfig
 from jaxtele.models.layers import Embed, Linear, RMSNorm
 
 
+def remat(layer_call, policy: str):
+  """A layer's forward under a rematerialisation policy: what it keeps for the backward pass.
+
+  none: everything (no remat); full: nothing but the layer input; dots_saveable: every matmul output;
+  dots_with_no_batch_dims_saveable: the weight matmuls (projections), not attention's batched ones;
+  offload_dots: those projections, kept in pinned host memory instead of HBM (GPU/TPU).
+  """
+  if policy == "none":
+    return layer_call
+  cp = jax.checkpoint_policies
+  policies = {"full": None, "dots_saveable": cp.dots_saveable,
+              "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable}
+  if policy == "offload_dots":
+    if jax.devices()[0].platform not in ("gpu", "tpu"):
+      raise JaxteleError(f"model.remat: offload_dots needs a GPU or TPU (host offload), not {jax.devices()[0].platform}")
+    return nnx.remat(layer_call, policy=cp.offload_dot_with_no_batch_dims("device", "pinned_host"))
+  if policy not in policies:
+    raise JaxteleError(f"model.remat: unknown policy {policy!r} (choose from none, full, {', '.join(list(policies)[1:])}, "
+                       "offload_dots)")
+  return nnx.remat(layer_call, policy=policies[policy])
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -26,6 +48,7 @@ class Attention(nnx.Module):
     self.o_proj = Linear(N * H, D, use_bias=cfg.o_bias, **kw)
     self.shape = (N, K, H)
     self.sliding_window = cfg.sliding_window
+    self.impl = cfg.attention
     self.inv_freq = rope_inv_freq(cfg).tolist()  # static: a list, not an array leaf
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -35,7 +58,8 @@ class Attention(nnx.Module):
     q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), positions_BT, inv_freq)
     k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), positions_BT, inv_freq)
     v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
-    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, sliding_window=self.sliding_window)
+    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, sliding_window=self.sliding_window,
+                         impl=self.impl)
     return self.o_proj(out_BTNH.reshape(B, T, N * H))
 
 
@@ -76,7 +100,7 @@ class Decoder(nnx.Module):
 
   def hidden_states(self, tokens_BT, positions_BT, segment_ids_BT):
     x_BTD = self.embed_tokens(tokens_BT)
-    block = nnx.remat(DecoderLayer.__call__) if self.config.remat else DecoderLayer.__call__
+    block = remat(DecoderLayer.__call__, self.config.remat)
     for layer in self.layers:
       x_BTD = block(layer, x_BTD, positions_BT, segment_ids_BT)
     return self.norm(x_BTD)
