@@ -10,7 +10,7 @@ and prints a table. Per layer and module (q_proj ... down_proj):
   singular vectors of the kernel, which is what is compared here.
 The tuned W of a LoRA run is the merged kernel, merged in fp32 (a bf16 base is upcast first, so rounding
 of the merged kernel does not pose as a full-rank update). Gradient norms come from metrics.jsonl.
-Shapes: kernel_IO [in, out].
+Shapes: kernel_IO [in, out]. JAX is imported only to load a run, so `read_metrics` and the maths stay light.
 """
 
 import argparse
@@ -18,9 +18,7 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
-from flax import nnx
 
 from jaxtele.errors import JaxteleError, cli
 
@@ -121,6 +119,9 @@ def grad_norms(run_dir: str) -> dict:
 
 def layer_kernels(model) -> dict:
   """{path: kernel_IO as fp32 numpy} of every Linear inside the decoder layers."""
+  import jax
+  from flax import nnx
+
   from jaxtele.models.layers import Linear
 
   return {tuple(p): np.asarray(jax.device_get(m.kernel[...]), np.float32)
@@ -129,7 +130,9 @@ def layer_kernels(model) -> dict:
 
 def tuned_and_base(run_dir: str, base_src: str | None = None):
   """(cfg, {path: tuned kernel}, {path: base kernel}) of a run's latest checkpoint."""
+  import jax
   import jax.numpy as jnp
+  from flax import nnx
 
   from jaxtele import build, convert
   from jaxtele.models.lora import lora_paths, merge_lora
