@@ -190,3 +190,36 @@ def logged():
     return {r["step"]: r[key] for r in rows if key in r}
 
   return read
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synthetic_corpus):
+  """tiny_run(name, *overrides) -> the run directory of the tiny recipe trained in-process, once per session per
+  name. Eval sets: 'telecom' (the generated corpus) and 'wikitext' (generated plain English), every 2 steps
+  and at step 0, so curves and forgetting have points."""
+  from jaxtele.config import load_config
+  from jaxtele.train import run
+
+  root = tmp_path_factory.mktemp("tiny_runs")
+  rng = np.random.default_rng(0)
+  words = ("the a of and to in is was for on that with as by at from his her it an were which are this be "
+           "city river music history king war people school film song church road team game year").split()
+  general = root / "general.jsonl"
+  general.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 60)).capitalize() + "."}) + "\n"
+                             for _ in range(60)))
+  sets = [{"name": "telecom", "sources": [{"type": "jsonl", "path": str(synthetic_corpus / "eval.jsonl")}]},
+          {"name": "wikitext", "sources": [{"type": "jsonl", "path": str(general)}]}]
+  done = {}
+
+  def make(name: str, *overrides):
+    if name not in done:
+      cfg = load_config(TINY_RECIPE, [f"--config.run_dir={root / name}",
+                                      f"--config.data.sources=[{{'type': 'jsonl', 'path': "
+                                      f"'{synthetic_corpus / 'train.jsonl'}'}}]",
+                                      f"--config.eval.sets={sets!r}", "--config.eval.every=2",
+                                      "--config.eval.at_start=True", *overrides])
+      run(cfg)
+      done[name] = root / name
+    return done[name]
+
+  return make
