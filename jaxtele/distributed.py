@@ -72,7 +72,7 @@ def start_watchdog(timeout: float, interval: float = 2.0):
             previous[p], last_seen[p] = value, time.time()
           silent = time.time() - max(last_seen[p], started)
           if silent > timeout:
-            lost(f"process {p} of {n} sent no heartbeat for {silent:.0f} s (killed or hung)")
+            lost(f"lost process {p} of {n} (no heartbeat for {silent:.0f} s: killed or hung)")
       except Exception as e:  # the coordinator (process 0) holds the store: losing it is losing process 0
         if me != 0:
           lost(f"lost the coordinator, process 0 of {n} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
@@ -88,6 +88,34 @@ def _try_get(client, key):
     if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
       return None
     raise
+
+
+def silent_peers(wait: float = 6.0) -> list[int] | None:
+  """Peers whose heartbeat does not move within `wait` seconds (None: the coordinator itself is gone)."""
+  client, me, n = _client(), jax.process_index(), jax.process_count()
+  try:
+    before = {p: _try_get(client, f"jaxtele/alive/{p}") for p in range(n) if p != me}
+    time.sleep(wait)
+    after = {p: _try_get(client, f"jaxtele/alive/{p}") for p in before}
+    return [p for p in before if after[p] == before[p] and _try_get(client, f"jaxtele/done/{p}") is None]
+  except Exception:
+    return None
+
+
+def explain_failure(error: BaseException) -> str | None:
+  """A multi-process run's collective failed: say which process was lost, in one line (None: single process)."""
+  if jax.process_count() <= 1:
+    return None
+  me, n = jax.process_index(), jax.process_count()
+  peers = silent_peers()
+  cause = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+  if peers is None:
+    who = f"lost the coordinator, process 0 of {n}"
+  elif peers:
+    who = "lost " + ", ".join(f"process {p}" for p in peers) + f" of {n}"
+  else:
+    return None  # every peer is alive: not a lost process
+  return f"process {me}: {who} ({cause}); the last complete checkpoint stays restorable"
 
 
 def finished():

@@ -93,6 +93,13 @@ def logical_axes(path: str, ndim: int) -> tuple | None:
   return axes
 
 
+def parameter_name(path: str) -> str:
+  """'opt_state/1/0/mu/layers/3/self_attn/q_proj/kernel' -> 'layers/*/self_attn/q_proj/kernel': the parameter a
+  leaf belongs to (its moments included), layer indices folded."""
+  match = re.search(r"(embed_tokens|layers|norm|lm_head)(/.*)?$", path)
+  return re.sub(r"/\d+/", "/*/", match.group(0) if match else path)
+
+
 class Shardings:
   """Makes NamedShardings by rule for one mesh and one model, and remembers what it could not split."""
 
@@ -116,8 +123,8 @@ class Shardings:
       size = self.mesh.shape[mesh_axis] if mesh_axis else 1
       units = self.units.get(axis) or dim
       if mesh_axis and size > 1 and (units % size or dim % size):
-        self.undivided[(re.sub(r"/\d+/", "/*/", path), axis, mesh_axis, size, units)] = \
-            self.undivided.get((re.sub(r"/\d+/", "/*/", path), axis, mesh_axis, size, units), 0) + 1
+        key = (parameter_name(path), axis, mesh_axis, size, units)
+        self.undivided[key] = self.undivided.get(key, 0) + 1
         mesh_axis = None
       out.append(mesh_axis if size > 1 else None)
     return P(*out)
@@ -130,7 +137,7 @@ class Shardings:
   def report(self) -> list[str]:
     """One line per parameter pattern left unsplit along an axis: said once, at start."""
     return [f"sharding: mesh axis {mesh_axis}={size} does not divide {axis} ({units}) of {pattern} "
-            f"({n} leaves); that dimension is replicated"
+            f"({n} leaves with its optimizer moments); that dimension is replicated"
             for (pattern, axis, mesh_axis, size, units), n in self.undivided.items()]
 
 

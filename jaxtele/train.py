@@ -6,6 +6,7 @@ once step n+1 is dispatched, and the next batch is copied to the devices while t
 """
 
 import dataclasses
+import os
 import signal
 import sys
 
@@ -208,6 +209,12 @@ def run(cfg) -> dict:
   try:
     result = train_loop(s)
     return result if result["preempted"] else finish(s, result)
+  except jax.errors.JaxRuntimeError as e:  # a collective with a dead peer fails here: name the peer
+    lost = distributed.explain_failure(e)
+    if lost:  # nothing can shut down cleanly with a peer gone (checkpoint barriers would wait on it)
+      print(f"error: {lost}", file=sys.stderr, flush=True)
+      os._exit(distributed.EXIT_PEER_LOST)
+    raise
   finally:
     s.ckpt.close()
     s.writer.close()

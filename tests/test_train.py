@@ -5,11 +5,14 @@ import json
 import os
 import signal
 import shutil
+import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxtele.config import load_config
 from jaxtele.models.config import ModelConfig
@@ -177,3 +180,48 @@ def test_two_processes_match_one(tmp_path, train_cli, launch_two, logged):
   for run_dir in (two, one_in_two):
     got = logged(run_dir / "run")
     np.testing.assert_allclose([got[s] for s in (6, 7, 8)], [want[s] for s in (6, 7, 8)], atol=1e-5)
+
+
+def _process_with_rank(parent_pid: int, rank: int) -> int:
+  """The pid of the launched `python -m jaxtele.train` whose JAX_PROCESS_ID is `rank`."""
+  children = subprocess.run(["pgrep", "-P", str(parent_pid)], capture_output=True, text=True).stdout.split()
+  for pid in children:
+    try:
+      env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except FileNotFoundError:
+      continue
+    if f"JAX_PROCESS_ID={rank}".encode() in env:
+      return int(pid)
+  raise AssertionError(f"no child of {parent_pid} with JAX_PROCESS_ID={rank}")
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_its_peer_and_a_fresh_run_resumes(tmp_path, launch_two, wait_for_lines, logged,
+                                                                 monkeypatch):
+  """SIGKILL one of two processes mid-run: the other exits non-zero within 2 minutes naming the lost process,
+  and a fresh two-process run resumes from the last complete checkpoint to the losses of an uninterrupted run."""
+  monkeypatch.setenv("JAXTELE_PEER_TIMEOUT", "20")
+  common = ["--config.train.steps=10", "--config.train.log_every=1", "--config.checkpoint.every=2",
+            "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.eval.sets=[]"]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  straight.mkdir(), killed.mkdir()
+  p = launch_two(straight, *common)
+  assert p.returncode == 0, p.stderr[-3000:]
+  p = launch_two(killed, *common, wait=False)
+  wait_for_lines(killed / "run" / "metrics.jsonl", 5)
+  victim = _process_with_rank(p.pid, 1)
+  os.kill(victim, signal.SIGKILL)
+  t0 = time.time()
+  _, err = p.communicate(timeout=300)
+  elapsed = time.time() - t0
+  assert p.returncode != 0 and elapsed < 120, (p.returncode, elapsed, err[-3000:])
+  assert f"launch: process 1 (pid {victim}) failed: killed by signal 9" in err, err[-3000:]
+  assert "error: process 0: lost process 1 of 2" in err, err[-3000:]
+  steps = sorted(int(d) for d in os.listdir(killed / "run" / "checkpoints") if d.isdigit())
+  assert steps and steps[-1] < 10
+  p = launch_two(killed, *common)
+  assert p.returncode == 0 and f"resumed from {killed / 'run' / 'checkpoints'}/{steps[-1]}" in p.stderr, \
+      p.stderr[-3000:]
+  want, got = logged(straight / "run"), logged(killed / "run")
+  assert sorted(got) == list(range(1, 11))
+  np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], atol=1e-6)

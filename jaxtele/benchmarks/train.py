@@ -1,16 +1,21 @@
-"""Training step throughput and memory, full fine-tuning vs LoRA, on one device.
+"""Training-step benchmark, jaxtele beside PyTorch `transformers` (+ `peft`) on the same shapes and batch.
 
-  python -m jaxtele.benchmarks.train                       # the quickstart's tiny model, CPU-sized
-  python -m jaxtele.benchmarks.train --source MODEL.gguf --seq-len 2048 --batch 8 --dtype bfloat16
+  python -m jaxtele.benchmarks.train --preset smollm2-135m --seq-len 256 --batch 4            # CPU row
+  python -m jaxtele.benchmarks.train --preset smollm2-135m --seq-len 2048 --batch 8 --dtype bfloat16
+  python -m jaxtele.benchmarks.train --preset qwen2.5-1.5b --seq-len 2048 --batch 4 --dtype bfloat16 --remat full
 
-Each mode runs in its own process so peak memory is its own: peak RSS on CPU, the device allocator's
-peak on GPU/TPU. The step is the trainer's (`jaxtele.step.make_train_step`); batches are random tokens
-so the input pipeline is not measured here (see benchmarks/data.py).
+Rows: full fine-tuning and LoRA (rank --rank on every linear layer but the head), random weights of the
+preset's architecture on packed rows (`benchmarks/batches.py`), AdamW. Each row runs in its own process (so
+peak memory is its own): compile time, then --warmup steps, then the median of --steps synced steps. Tokens
+count every input token; MFU as `jaxtele.metrics` counts it. With --torch (default on) the same row runs in
+`benchmarks/torch_reference.py` and the table prints jaxtele / PyTorch tokens/s.
 """
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -18,79 +23,127 @@ import time
 
 def measure(args) -> dict:
   import jax
-  import jax.numpy as jnp
-  import numpy as np
+  import ml_collections
+  from flax import nnx
 
   from jaxtele import build
-  from jaxtele.config import default_config, load_config
+  from jaxtele.benchmarks.batches import packed_batch
+  from jaxtele.metrics import flops_per_token, peak_flops
+  from jaxtele.models.decoder import init_model
+  from jaxtele.models.lora import add_lora
+  from jaxtele.models.presets import PRESETS
   from jaxtele.optimizer import make_optimizer
   from jaxtele.step import init_state, make_train_step
 
-  cfg = load_config("configs/quickstart.py") if not args.source else default_config()
-  cfg.model.update(source=args.source, dtype=args.dtype, remat=args.remat)
-  cfg.train.mode = args.mode
-  cfg.lora.update(rank=args.rank, alpha=2.0 * args.rank, targets="all-linear", base_dtype=args.dtype)
-  model = build.build_model(cfg)
+  model_cfg = PRESETS[args.preset].replace(param_dtype="float32", dtype=args.dtype, remat=args.remat,
+                                           attention=args.attention)
+  cfg = ml_collections.ConfigDict({"train": {"mode": args.mode}, "lora": {"extra_trainable": "",
+                                                                           "base_dtype": args.dtype}})
+  model = init_model(model_cfg, seed=0)
+  if args.mode == "lora":
+    add_lora(model, args.rank, 2.0 * args.rank, "all-linear")
   graphdef, params, frozen = build.split_model(model, cfg)
   del model
-  tx, _ = make_optimizer(cfg.optimizer, 1000)
+  opt = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", warmup_ratio=0.0, final_lr_ratio=1.0,
+                                       weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip=1.0))
+  tx, _ = make_optimizer(opt, 1000)
   state = init_state(params, tx)
-  step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0,))
-  B, T = args.batch, args.seq_len
-  V = build.model_config(cfg.model).vocab_size
-  rng = np.random.default_rng(0)
-  batch = {"tokens": rng.integers(0, V, (B, T)), "targets": rng.integers(0, V, (B, T)),
-           "segment_ids": np.ones((B, T)), "positions": np.tile(np.arange(T), (B, 1)), "loss_mask": np.ones((B, T))}
-  batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+  step = jax.jit(make_train_step(graphdef, tx, 1, **({"loss": args.loss} if args.loss != "plain" else {})),
+                 donate_argnums=(0,))
+  batch = {k: jax.numpy.asarray(v) for k, v in packed_batch(args.batch, args.seq_len, model_cfg.vocab_size).items()}
   t0 = time.perf_counter()
   state, m = step(state, frozen, batch)
   jax.block_until_ready(m["loss"])
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
+  for _ in range(args.warmup):
     state, m = step(state, frozen, batch)
   jax.block_until_ready(m["loss"])
-  dt = (time.perf_counter() - t0) / args.steps
-  nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = step(state, frozen, batch)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform != "cpu" else None
   peak = stats.get("peak_bytes_in_use") if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  return {"mode": args.mode, "device": dev.device_kind, "tokens_per_s": B * T / dt, "step_ms": 1000 * dt,
+  n_train = sum(x.size for x in jax.tree.leaves(params))
+  tps = args.batch * args.seq_len / dt
+  fpt = flops_per_token(model_cfg, args.seq_len, args.mode, n_train if args.mode == "lora" else 0)
+  peak_f = peak_flops(dev)
+  return {"impl": "jaxtele", "mode": args.mode, "device": dev.device_kind, "tokens_per_s": tps, "step_ms": 1000 * dt,
           "compile_s": compile_s, "peak_bytes": peak, "peak_kind": "device" if stats else "RSS",
-          "trainable_params": sum(x.size for x in jax.tree.leaves(params)),
-          "total_params": sum(x.size for x in jax.tree.leaves(params)) + sum(x.size for x in jax.tree.leaves(frozen)),
-          "optimizer_state_bytes": nbytes(state["opt_state"])}
+          "mfu": tps * fpt / peak_f if peak_f else None, "loss": float(m["loss"]), "trainable_params": n_train,
+          "total_params": n_train + sum(x.size for x in jax.tree.leaves(frozen)),
+          "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))),
+          "jax": jax.__version__}
+
+
+def run_row(module: str, argv: list, mode: str) -> dict | str:
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  out = subprocess.run([sys.executable, "-m", module, *argv, "--mode", mode], capture_output=True, text=True,
+                       env=env, check=False)
+  if out.returncode:
+    return f"{module} {mode} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def common_args(p):
+  p.add_argument("--preset", default="smollm2-135m")
+  p.add_argument("--seq-len", type=int, default=256)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--steps", type=int, default=20, help="timed steps (each synced); the median is reported")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--rank", type=int, default=64)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--remat", default="none", help="none | full | dots_saveable | ... (torch: checkpointing on/off)")
+  p.add_argument("--mode", help=argparse.SUPPRESS)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--source", default="", help="model to load (default: the quickstart's tiny model)")
-  p.add_argument("--seq-len", type=int, default=256)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--remat", default="none")
-  p.add_argument("--mode", help=argparse.SUPPRESS)
+  common_args(p)
+  p.add_argument("--attention", default="auto")
+  p.add_argument("--loss", default="plain", choices=("plain", "chunked"))
+  p.add_argument("--modes", default="full,lora")
+  p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--json", help="also write the rows here")
   args = p.parse_args()
   if args.mode:
     print(json.dumps(measure(args)))
     return
+  shared = ["--preset", args.preset, "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps",
+            str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank), "--dtype", args.dtype,
+            "--remat", args.remat]
   rows = []
-  for mode in ("full", "lora"):
-    out = subprocess.run([sys.executable, "-m", "jaxtele.benchmarks.train", *sys.argv[1:], "--mode", mode],
-                         capture_output=True, text=True, check=False)
-    if out.returncode:
-      sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
-    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print(f"\n{rows[0]['device']}, seq {args.seq_len} x batch {args.batch}, compute {args.dtype}, "
-        f"LoRA r={args.rank} on all linear layers, {args.steps} timed steps after compilation\n")
-  print("| mode | trainable / total params | tokens/s | step ms | peak memory (GiB) | optimizer state (MiB) |")
-  print("|---|---|---:|---:|---:|---:|")
-  for r in rows:
-    print(f"| {r['mode']} | {r['trainable_params']:,} / {r['total_params']:,} | {r['tokens_per_s']:,.0f} | "
-          f"{r['step_ms']:.1f} | {r['peak_bytes'] / 2**30:.2f} ({r['peak_kind']}) | "
-          f"{r['optimizer_state_bytes'] / 2**20:.2f} |")
+  for mode in args.modes.split(","):
+    ours = run_row("jaxtele.benchmarks.train", shared + ["--attention", args.attention, "--loss", args.loss], mode)
+    theirs = None if args.no_torch else run_row("jaxtele.benchmarks.torch_reference", shared, mode)
+    rows.append((mode, ours, theirs))
+    print(json.dumps({"mode": mode, "jaxtele": ours, "torch": theirs}), file=sys.stderr, flush=True)
+  device = next((r["device"] for _, r, _ in rows if isinstance(r, dict)), "?")
+  print(f"\n{args.preset} on {device}: seq {args.seq_len} x batch {args.batch} packed rows, {args.dtype}, remat "
+        f"{args.remat}, attention {args.attention}, loss {args.loss}, LoRA r={args.rank} all-linear; median of "
+        f"{args.steps} synced steps after {args.warmup} warm-up\n")
+  print("| mode | impl | tokens/s | step ms | MFU | compile s | peak memory GiB | optimizer MiB | jaxtele / torch |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  for mode, ours, theirs in rows:
+    for r in (ours, theirs):
+      if r is None:
+        continue
+      if isinstance(r, str):
+        print(f"| {mode} | | {r} | | | | | | |")
+        continue
+      ratio = ""
+      if r is ours and isinstance(theirs, dict):
+        ratio = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
+      mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+      print(f"| {mode} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {mfu} | {r['compile_s']:.1f} | "
+            f"{r['peak_bytes'] / 2**30:.2f} ({r['peak_kind']}) | {r['optimizer_state_bytes'] / 2**20:,.1f} | {ratio} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump([{"mode": m, "jaxtele": o, "torch": t} for m, o, t in rows], f, indent=2)
 
 
 if __name__ == "__main__":
