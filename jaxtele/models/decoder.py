@@ -26,6 +26,8 @@ class Attention(nnx.Module):
     self.o_proj = Linear(N * H, D, use_bias=cfg.o_bias, **kw)
     self.shape = (N, K, H)
     self.sliding_window = cfg.sliding_window
+    # `model.attention` (auto, xla, cudnn, pallas); configs that predate the key keep the XLA reference.
+    self.attn_impl = getattr(cfg, "attention", "xla")
     self.inv_freq = rope_inv_freq(cfg).tolist()  # static: a list, not an array leaf
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -35,7 +37,8 @@ class Attention(nnx.Module):
     q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), positions_BT, inv_freq)
     k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), positions_BT, inv_freq)
     v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
-    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, sliding_window=self.sliding_window)
+    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, sliding_window=self.sliding_window,
+                         impl=self.attn_impl)
     return self.o_proj(out_BTNH.reshape(B, T, N * H))
 
 
