@@ -42,7 +42,8 @@ def plan(cfg, compile_step: bool = True, out=sys.stdout) -> dict:
     batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=batch_sharding(mesh))
              for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
     abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum), donate_argnums=(0,))
+    step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum, cfg.train.loss, cfg.train.loss_chunk),
+                   donate_argnums=(0,))
     compiled = step.lower(abstract(state, state_sh), abstract(frozen, frozen_sh), batch).compile()
     report["per_device"]["step_temporaries"] = int(compiled.memory_analysis().temp_size_in_bytes)
   report["per_device_total_bytes"] = sum(report["per_device"].values())

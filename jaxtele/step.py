@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtele.loss import masked_sum_and_count
+from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count
 from jaxtele.sharding import path_str
 
 
@@ -19,8 +19,12 @@ def init_state(params, tx) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def loss_sums(graphdef, params, frozen, batch):
+def loss_sums(graphdef, params, frozen, batch, loss: str = "plain", chunk: int = 1024):
+  """(NLL sum, trained-target count). `chunked` never materialises the [B, T, V] logits (see loss.py)."""
   model = nnx.merge(graphdef, params, frozen)
+  if loss == "chunked":
+    h_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return chunked_sum_and_count(h_BTD, model.output_matrix(), batch["targets"], batch["loss_mask"], chunk)
   logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   return masked_sum_and_count(logits, batch["targets"], batch["loss_mask"])
 
@@ -40,8 +44,8 @@ def micro_batches(batch, k: int):
   return jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(graphdef, tx, grad_accum: int):
-  grad_fn = jax.value_and_grad(lambda p, f, b: loss_sums(graphdef, p, f, b), has_aux=True)
+def make_train_step(graphdef, tx, grad_accum: int, loss: str = "plain", chunk: int = 1024):
+  grad_fn = jax.value_and_grad(lambda p, f, b: loss_sums(graphdef, p, f, b, loss, chunk), has_aux=True)
 
   def train_step(state, frozen, batch):
     params = state["params"]
@@ -70,8 +74,8 @@ def make_train_step(graphdef, tx, grad_accum: int):
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss: str = "plain", chunk: int = 1024):
   def eval_step(params, frozen, batch):
-    return loss_sums(graphdef, params, frozen, batch)
+    return loss_sums(graphdef, params, frozen, batch, loss, chunk)
 
   return eval_step

@@ -20,6 +20,7 @@ from jaxtele.data import setup as data_setup
 from jaxtele.data.pipeline import packing_efficiency
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval.perplexity import evaluate
+from jaxtele.models.attention import resolve_attention
 from jaxtele.metrics import MetricsWriter, Throughput, flops_per_token
 from jaxtele.optimizer import make_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, global_batch, host_copy, make_mesh, put
@@ -80,6 +81,8 @@ def setup(cfg) -> Setup:
   model_cfg = build.model_config(cfg.model)
   validate(cfg, model_cfg, jax.device_count(), jax.process_count())
   mesh = make_mesh(cfg.mesh)
+  impl = resolve_attention(model_cfg.attention, model_cfg.dtype, model_cfg.head_dim, model_cfg.sliding_window)
+  log(f"attention: {impl} (model.attention={model_cfg.attention}); loss: {cfg.train.loss}; remat: {model_cfg.remat}")
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es)")
 
@@ -113,12 +116,13 @@ def setup(cfg) -> Setup:
     state = ckpt.restore(latest, abstract, data_iter if restore_data else None, meta)
     log(f"resumed from {ckpt.directory}/{latest}")
 
-  train_step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum), donate_argnums=(0,),
+  loss = {"loss": cfg.train.loss, "chunk": cfg.train.loss_chunk}
+  train_step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum, **loss), donate_argnums=(0,),
                        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)), out_shardings=(state_sh, None))
   adapter_params = n_train if cfg.train.mode == "lora" else 0
   throughput = Throughput(flops_per_token(model_cfg, cfg.data.seq_len, cfg.train.mode, adapter_params))
   return Setup(cfg, log, mesh, tokenizer, graphdef, state, frozen, state_sh, frozen_sh, lr_schedule, ckpt, meta,
-               latest, data_iter, eval_sets, train_step, jax.jit(make_eval_step(graphdef)),
+               latest, data_iter, eval_sets, train_step, jax.jit(make_eval_step(graphdef, **loss)),
                MetricsWriter(cfg.run_dir, main_process), throughput)
 
 

@@ -48,8 +48,7 @@ def measure(args) -> dict:
                                        weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip=1.0))
   tx, _ = make_optimizer(opt, 1000)
   state = init_state(params, tx)
-  step = jax.jit(make_train_step(graphdef, tx, 1, **({"loss": args.loss} if args.loss != "plain" else {})),
-                 donate_argnums=(0,))
+  step = jax.jit(make_train_step(graphdef, tx, 1, loss=args.loss), donate_argnums=(0,))
   batch = {k: jax.numpy.asarray(v) for k, v in packed_batch(args.batch, args.seq_len, model_cfg.vocab_size).items()}
   t0 = time.perf_counter()
   state, m = step(state, frozen, batch)

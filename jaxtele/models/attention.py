@@ -1,7 +1,11 @@
 """Rotary embeddings and the attention function.
 
-Every attention call in the project goes through `attention()`, so a fused GPU/TPU kernel can replace
-the XLA reference by adding an `impl` branch; the masking semantics below are the contract.
+Every attention call in the project goes through `attention()`, which dispatches to an implementation:
+`xla` (the reference below, fp32 scores [B, K, G, T, S]), `cudnn` (cuDNN flash attention), `pallas`
+(Triton flash attention on GPU, splash on TPU, either interpreted on CPU) or `auto` (the fastest one that
+honours the contract on this backend; `resolve_attention` says which). The contract: causal, within one
+segment, never onto padding (segment 0); outputs at padding positions are unspecified but finite.
+Legend: B batch, T query length, S key length, N query heads, K kv heads, G groups N//K, H head dim.
 """
 
 import math
@@ -10,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtele.errors import JaxteleError
 from jaxtele.models.config import ModelConfig
+from jaxtele.models.kernels import cudnn, pallas
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -56,11 +63,54 @@ def attention_mask(segment_ids_BT, sliding_window=None):
   return mask_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
 
 
+def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, backend: str | None = None) -> str:
+  """The implementation that runs for `impl` on this backend ("xla", "cudnn" or "pallas"), for logs.
+
+  Explicit requests the backend cannot honour are refused in one line rather than silently replaced.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise JaxteleError(f"model.attention: unknown implementation {impl!r} (choose from {', '.join(ATTENTION_IMPLS)})")
+  backend = backend or jax.default_backend()
+  cudnn_ok = (jnp.dtype(dtype).name in cudnn.DTYPES and head_dim % 8 == 0
+              and head_dim <= (cudnn.max_head_dim() if backend == "gpu" else 128))
+  if impl == "auto":
+    if backend == "gpu":
+      return "cudnn" if cudnn_ok else ("xla" if sliding_window else "pallas")
+    return "pallas" if backend == "tpu" else "xla"
+  if impl == "cudnn":
+    if backend != "gpu":
+      raise JaxteleError(f"model.attention=cudnn needs a CUDA GPU, but the JAX backend is {backend!r}")
+    if not cudnn_ok:
+      raise JaxteleError(f"model.attention=cudnn needs bf16/fp16 and a head dim multiple of 8 up to "
+                         f"{cudnn.max_head_dim()}; got {jnp.dtype(dtype).name}, head_dim={head_dim}")
+  if impl == "pallas" and backend == "gpu" and sliding_window:
+    raise JaxteleError("model.attention=pallas: the GPU Pallas kernel has no sliding window; use cudnn or xla")
+  return impl
+
+
+def pallas_kernel(backend: str, sliding_window=None) -> str:
+  """GPU runs the Triton kernel, TPU splash; CPU interprets Triton, or splash when a window is needed."""
+  if backend == "tpu" or (backend != "gpu" and sliding_window):
+    return "splash"
+  return "triton"
+
+
 def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, impl="xla"):
   """Grouped-query attention: N query heads share K kv heads in groups of G = N // K."""
-  impl = "xla" if impl == "auto" else impl
-  if impl != "xla":
-    raise ValueError(f"unknown attention impl {impl!r}")
+  H = q_BTNH.shape[-1]
+  backend = jax.default_backend()
+  impl = resolve_attention(impl, q_BTNH.dtype, H, sliding_window, backend)
+  if impl == "cudnn":
+    return cudnn.cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window)
+  if impl == "pallas":
+    return pallas.pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window,
+                                   kernel=pallas_kernel(backend, sliding_window),
+                                   interpret=backend not in ("gpu", "tpu"))
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window)
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None):
+  """The reference: dense fp32 scores with the contract's mask."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)

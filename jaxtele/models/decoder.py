@@ -105,6 +105,16 @@ class Decoder(nnx.Module):
       x_BTD = block(layer, x_BTD, positions_BT, segment_ids_BT)
     return self.norm(x_BTD)
 
+  def output_matrix(self):
+    """The effective output matrix [D, V] in compute dtype: tied embedding, lm_head, or lm_head with LoRA."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].astype(self.config.dtype).T
+    head = self.lm_head
+    w_DV = head.kernel[...].astype(head.dtype)
+    if head.lora_a is not None:
+      w_DV = w_DV + head.lora_scale * (head.lora_a[...].astype(head.dtype) @ head.lora_b[...].astype(head.dtype))
+    return w_DV
+
   def logits(self, x_BTD):
     return self.embed_tokens.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
 
