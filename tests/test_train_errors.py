@@ -80,12 +80,20 @@ def test_checkpoint_of_another_model_or_rank_is_refused(tmp_path, tiny):
     run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.checkpoint.resume=False"))
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_error):
-  err = train_error("--config.optimizer.lr=1e30", "--config.optimizer.clip=0.0",
-                    "--config.train.steps=50", "--config.checkpoint.every=1", "--config.train.log_every=1")
-  assert "non-finite loss" in err and "Last good checkpoint: step" in err
-  good = int(err.split("Last good checkpoint: step ")[1].split()[0])
+@pytest.mark.parametrize("every", [1, 3])
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_error, every):
+  """lr 1e30 makes step 2 non-finite. every=1: step 1 is saved and stays the last. every=3: the non-finite step
+  is only seen once step 3 was dispatched (metrics are read a step late), and neither step 2 nor 3 is saved."""
+  err = train_error("--config.optimizer.lr=1e30", "--config.optimizer.clip=0.0", "--config.train.steps=50",
+                    f"--config.checkpoint.every={every}", "--config.train.log_every=1")
+  assert "non-finite loss" in err and "Last good checkpoint:" in err
+  bad = int(err.split("error: step ")[1].split(":")[0])
   ckpts = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+  assert all(c < bad for c in ckpts), (ckpts, bad)
+  if every == 3:
+    assert ckpts == [] and "Last good checkpoint: none" in err
+    return
+  good = int(err.split("Last good checkpoint: step ")[1].split()[0])
   assert ckpts[-1] == good
   import orbax.checkpoint as ocp
 
