@@ -11,9 +11,10 @@ from flax import nnx
 
 from jaxtele import convert
 from jaxtele.data.byte_tokenizer import byte_tokenizer
+from jaxtele.errors import JaxteleError
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
-from jaxtele.models.lora import add_lora, trainable_filter
+from jaxtele.models.lora import QUANTIZERS, add_lora, merge_lora, quantize_base, trainable_filter
 
 
 def runtime(mcfg) -> dict:
@@ -35,28 +36,55 @@ def load_tokenizer(mcfg):
 
 
 def build_model(cfg) -> Decoder:
-  """The model of `cfg.model`, with LoRA leaves when `cfg.train.mode == 'lora'`."""
-  mcfg = cfg.model
+  """The model of `cfg.model`, with adapters when `cfg.train.mode == 'lora'`: new ones per `cfg.lora`, or the
+  PEFT adapter folder `model.adapter` (to evaluate it or continue training it); `lora.quantize_base: nf4`
+  stores the frozen linear kernels in NF4 (QLoRA). A full run given `model.adapter` starts from the merge."""
+  from jaxtele.convert.peft import load_adapter
+
+  mcfg, lc = cfg.model, cfg.lora
   if mcfg.source:
     model = convert.load_pretrained(mcfg.source, **runtime(mcfg)).model
   else:
     model = init_model(model_config(mcfg), seed=cfg.seed)
-  if cfg.train.mode == "lora":
-    lc = cfg.lora
-    add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora)
+  adapter_dir = mcfg.get("adapter", "") or ""
+  quant = lc.get("quantize_base", "none") or "none"
+  if quant not in QUANTIZERS:
+    raise JaxteleError(f"lora.quantize_base: unknown {quant!r} (choose from {', '.join(QUANTIZERS)})")
+  if cfg.train.mode != "lora":
+    if quant != "none":
+      raise JaxteleError("lora.quantize_base: a quantized base cannot be fully fine-tuned (train.mode=lora)")
+    return merge_lora(load_adapter(model, adapter_dir)) if adapter_dir else model
+  variant = lc.get("variant", "lora")
+  quantize = lambda: quant == "nf4" and quantize_base(model, double_quant=lc.get("double_quant", False))
+  if variant != "pissa":  # PiSSA takes its SVD of the float base and quantizes the residual, as PEFT advises
+    quantize()
+  if adapter_dir:
+    load_adapter(model, adapter_dir)
+  else:
+    add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora, variant=variant,
+             dropout=lc.get("dropout", 0.0))
+  if variant == "pissa":
+    quantize()
   return model
 
 
 def split_model(model: Decoder, cfg):
   """-> (graphdef, trainable params, frozen params) as pure dicts.
 
-  Trainable leaves are fp32 master weights; the frozen base is stored in `lora.base_dtype`.
+  Trainable leaves are fp32 master weights; the frozen base's float Params are stored in `lora.base_dtype`.
+  Other frozen state (NF4 codes and scales, PiSSA's initial factors) keeps its dtype.
   """
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, cfg.lora.extra_trainable), ...)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(trainable))
   base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
-  frozen = jax.tree.map(lambda x: x.astype(base_dtype) if base_dtype else x, nnx.to_pure_dict(frozen))
-  return graphdef, params, frozen
+
+  def cast(var):
+    if base_dtype and isinstance(var, nnx.Param) and jnp.issubdtype(var.dtype, jnp.floating):
+      return var.replace(var[...].astype(base_dtype))
+    return var
+
+  frozen = jax.tree.map(cast, frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, params, nnx.to_pure_dict(frozen)
 
 
 def load_run(run_dir: str, step: int | None = None):
