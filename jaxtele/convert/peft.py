@@ -119,7 +119,8 @@ def check_shapes(tensors: dict, lin, rank: int, where: str, module: str):
   want = {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank), "lora_magnitude_vector": (d_out,)}
   for suffix, x in tensors.items():
     if tuple(x.shape) != want[suffix]:
-      raise JaxteleError(f"{where}: tensor {module}.{suffix} has shape {list(x.shape)}, this base needs "
+      key = f"{PREFIX}{'' if module.startswith('lm_head') else 'model.'}{module}.{suffix}"
+      raise JaxteleError(f"{where}: tensor {key} has shape {list(x.shape)}, this base needs "
                          f"{list(want[suffix])} (an adapter for another base, or r={rank} differs)")
   missing = {"lora_A.weight", "lora_B.weight"} - set(tensors)
   if missing:

@@ -222,3 +222,13 @@ def strip_adapters(model: Decoder) -> Decoder:
     lin.adapters = nnx.Dict()
     lin.active = None
   return model
+
+
+# What a LoRA run's checkpoint records about its adapters: a resume with other values is refused.
+META_KEYS = {"rank": None, "alpha": None, "targets": None, "rslora": False, "extra_trainable": "", "variant": "lora",
+             "dropout": 0.0, "plus_ratio": 0.0, "quantize_base": "none", "double_quant": False}
+
+
+def lora_meta(lora_cfg) -> dict:
+  """`META_KEYS` read from the `lora` config section (defaults for keys it does not have yet)."""
+  return {k: lora_cfg.get(k, default) for k, default in META_KEYS.items()}
