@@ -18,7 +18,8 @@ from jaxtele.models.lora import add_lora, lora_meta, merge_lora, quantize_base
 def two_bases(tmp_path_factory, make_hf_model):
   d = tmp_path_factory.mktemp("bases")
   make_hf_model("llama_untied").save_pretrained(d / "small")
-  make_hf_model("llama_untied", hidden_size=32, num_attention_heads=2, num_key_value_heads=1).save_pretrained(d / "other")
+  other = make_hf_model("llama_untied", hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+  other.save_pretrained(d / "other")
   model = load_pretrained(str(d / "small")).model
   add_lora(model, 4, 8.0)
   save_adapter(model, str(d / "adapter"), base_model=str(d / "small"))

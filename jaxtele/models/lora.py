@@ -113,8 +113,8 @@ def attach(lin: Linear, name: str, adapter):
   """Put `adapter` under `name`, or copy its weights into the one already there (same shapes: no recompile)."""
   check_name(name)
   old = lin.adapters.get(name)
-  if old is not None and type(old) is type(adapter) and old.scale == adapter.scale and \
-      jax.tree.map(jnp.shape, nnx.state(old, nnx.LoRAParam)) == jax.tree.map(jnp.shape, nnx.state(adapter, nnx.LoRAParam)):
+  shapes = lambda a: jax.tree.map(jnp.shape, nnx.state(a, nnx.LoRAParam))
+  if old is not None and type(old) is type(adapter) and old.scale == adapter.scale and shapes(old) == shapes(adapter):
     old.assign(adapter)
   else:
     lin.adapters[name] = adapter
