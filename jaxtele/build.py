@@ -11,9 +11,10 @@ from flax import nnx
 
 from jaxtele import convert
 from jaxtele.data.byte_tokenizer import byte_tokenizer
+from jaxtele.errors import JaxteleError
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
-from jaxtele.models.lora import add_lora, trainable_filter
+from jaxtele.models.lora import QUANTIZERS, add_lora, merge_lora, quantize_base, trainable_filter
 
 
 def runtime(mcfg) -> dict:
@@ -34,16 +35,37 @@ def load_tokenizer(mcfg):
   return convert.load_tokenizer(mcfg.tokenizer or mcfg.source)
 
 
-def build_model(cfg) -> Decoder:
-  """The model of `cfg.model`, with LoRA leaves when `cfg.train.mode == 'lora'`."""
-  mcfg = cfg.model
-  if mcfg.source:
+def build_model(cfg, weights: bool = True) -> Decoder:
+  """The model of `cfg.model`, with adapters when `cfg.train.mode == 'lora'`: new ones per `cfg.lora`, or the
+  PEFT adapter folder `model.adapter` (to evaluate it or continue training it); `lora.quantize_base: nf4`
+  stores the frozen linear kernels in NF4 (QLoRA). A full run given `model.adapter` starts from the merge.
+  weights=False: the source's architecture, randomly initialised (for shapes)."""
+  from jaxtele.convert.peft import load_adapter
+
+  mcfg, lc = cfg.model, cfg.lora
+  if mcfg.source and weights:
     model = convert.load_pretrained(mcfg.source, **runtime(mcfg)).model
   else:
     model = init_model(model_config(mcfg), seed=cfg.seed)
-  if cfg.train.mode == "lora":
-    lc = cfg.lora
-    add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora)
+  adapter_dir = mcfg.get("adapter", "") or ""
+  quant = lc.get("quantize_base", "none") or "none"
+  if quant not in QUANTIZERS:
+    raise JaxteleError(f"lora.quantize_base: unknown {quant!r} (choose from {', '.join(QUANTIZERS)})")
+  if cfg.train.mode != "lora":
+    if quant != "none":
+      raise JaxteleError("lora.quantize_base: a quantized base cannot be fully fine-tuned (train.mode=lora)")
+    return merge_lora(load_adapter(model, adapter_dir)) if adapter_dir else model
+  variant = lc.get("variant", "lora")
+  quantize = lambda: quant == "nf4" and quantize_base(model, double_quant=lc.get("double_quant", False))
+  if variant != "pissa":  # PiSSA takes its SVD of the float base and quantizes the residual, as PEFT advises
+    quantize()
+  if adapter_dir:
+    load_adapter(model, adapter_dir)
+  else:
+    add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora, variant=variant,
+             dropout=lc.get("dropout", 0.0))
+  if variant == "pissa":
+    quantize()
   return model
 
 
@@ -51,13 +73,20 @@ def split_model(model: Decoder, cfg):
   """-> (graphdef, trainable params, frozen params) as pure dicts (of arrays, or of ShapeDtypeStructs for an
   abstract model).
 
-  Trainable leaves are fp32 master weights; the frozen base is stored in `lora.base_dtype`.
+  Trainable leaves are fp32 master weights; the frozen base's float Params are stored in `lora.base_dtype`.
+  Other frozen state (NF4 codes and scales, PiSSA's initial factors) keeps its dtype.
   """
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, cfg.lora.extra_trainable), ...)
   base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
   params = jax.tree.map(lambda x: cast(x, jnp.float32), nnx.to_pure_dict(trainable))
-  frozen = jax.tree.map(lambda x: cast(x, base_dtype) if base_dtype else x, nnx.to_pure_dict(frozen))
-  return graphdef, params, frozen
+
+  def cast_base(var):
+    if base_dtype and isinstance(var, nnx.Param) and jnp.issubdtype(var.value.dtype, jnp.floating):
+      return var.replace(cast(var.value, base_dtype))
+    return var
+
+  frozen = jax.tree.map(cast_base, frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, params, nnx.to_pure_dict(frozen)
 
 
 def cast(x, dtype):
@@ -67,15 +96,8 @@ def cast(x, dtype):
 
 
 def abstract_split(cfg):
-  """split_model of the run's model with shapes only: nothing is loaded or allocated (dry runs, planning)."""
-  def make():
-    model = init_model(model_config(cfg.model), seed=cfg.seed)
-    if cfg.train.mode == "lora":
-      lc = cfg.lora
-      add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora)
-    return model
-
-  return split_model(nnx.eval_shape(make), cfg)
+  """split_model of the run's model with shapes only: no weights are loaded or allocated (dry runs, planning)."""
+  return split_model(nnx.eval_shape(lambda: build_model(cfg, weights=False)), cfg)
 
 
 def load_run(run_dir: str, step: int | None = None):

@@ -58,10 +58,10 @@ class Checkpointer:
   def restore_params(self, step: int, params, cfg):
     """Only the trainable parameters of a step, as host arrays (export, evaluation); `params` gives their
     structure and the run's optimizer config the structure of the state they were saved in."""
-    from jaxtele.optimizer import make_optimizer
+    from jaxtele.optimizer import run_optimizer
     from jaxtele.step import init_state
 
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx, _ = run_optimizer(cfg)
     abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
     state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     return jax.device_get(state["params"])
@@ -80,12 +80,13 @@ class Checkpointer:
 
 
 IDENTITY_KEYS = ("model", "mode", "lora", "base_fingerprint")
-LORA_KEYS = ("rank", "alpha", "targets", "rslora", "extra_trainable")
 
 
 def run_meta(cfg, model_cfg, frozen, data_seed: int) -> dict:
   """What identifies a run's checkpoints (a restore must match `IDENTITY_KEYS`), and what resuming needs."""
-  lora = {k: cfg.lora[k] for k in LORA_KEYS} if cfg.train.mode == "lora" else None
+  from jaxtele.models.lora import lora_meta
+
+  lora = lora_meta(cfg.lora) if cfg.train.mode == "lora" else None
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("remat", "dtype", "attention")}
   meta = {"model": model, "mode": cfg.train.mode, "lora": lora,
           "base_fingerprint": fingerprint(frozen) if cfg.train.mode == "lora" else None,

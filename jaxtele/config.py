@@ -21,6 +21,8 @@ from jaxtele.data.sft import TEMPLATES
 from jaxtele.errors import JaxteleError
 from jaxtele.models.attention import ATTENTION_IMPLS
 from jaxtele.models.config import FAMILIES, REMAT_POLICIES, ModelConfig
+from jaxtele.models.adapters import VARIANTS
+from jaxtele.models.lora import QUANTIZERS
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -42,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
           "dtype": "float32",
           "remat": "none",  # a policy name: see models/config.py REMAT_POLICIES
           "attention": "auto",  # auto: the fastest implementation the backend has (models/attention.py)
+          "adapter": "",  # a PEFT adapter folder to load onto the base (evaluate it, or continue training it)
       },
       "data": data_defaults(),
       # every 0: only at the end; at_start: a baseline before the first step (what forgetting is measured against)
@@ -50,7 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
                 "stop_at": 0,  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
                 "loss": "plain", "loss_chunk": 1024},  # chunked: the [B, T, V] logits are never all alive
       "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear", "rslora": False,
-               "extra_trainable": "", "base_dtype": "float32"},
+               "extra_trainable": "", "base_dtype": "float32",
+               "variant": "lora",  # lora | dora | pissa (init from W's top singular directions)
+               "dropout": 0.0,  # on the adapter input, training only
+               "plus_ratio": 0.0,  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
+               "quantize_base": "none", "double_quant": False},  # nf4: QLoRA
       "optimizer": {"lr": 1e-4, "schedule": "cosine", "warmup_ratio": 0.03, "final_lr_ratio": 0.1,
                     "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip": 1.0},
       # Axis sizes (-1: the rest of the devices); require: refuse to run on another platform.
@@ -113,7 +120,7 @@ RULES = {
     "run_dir": Rule(str), "seed": NONNEG,
     "model.source": STR, "model.tokenizer": STR, "model.param_dtype": choice(*DTYPES),
     "model.dtype": choice(*DTYPES), "model.remat": choice(*REMAT_POLICIES),
-    "model.attention": choice(*ATTENTION_IMPLS),
+    "model.attention": choice(*ATTENTION_IMPLS), "model.adapter": STR,
     "model.init.model_type": choice(*FAMILIES), "model.init.vocab_size": POSITIVE,
     "model.init.hidden_size": POSITIVE, "model.init.intermediate_size": POSITIVE, "model.init.num_layers": POSITIVE,
     "model.init.num_heads": POSITIVE, "model.init.num_kv_heads": POSITIVE, "model.init.head_dim": Rule(int, lo=2),
@@ -129,7 +136,9 @@ RULES = {
     "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
     "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
     "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
-    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES),
+    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES), "lora.variant": choice(*VARIANTS),
+    "lora.dropout": Rule(float, lo=0.0, hi=1.0, hi_open=True), "lora.plus_ratio": Rule(float, lo=0.0),
+    "lora.quantize_base": choice(*QUANTIZERS), "lora.double_quant": BOOL,
     "optimizer.lr": Rule(float, lo=0.0, lo_open=True), "optimizer.schedule": choice(*SCHEDULES),
     "optimizer.warmup_ratio": UNIT_OPEN, "optimizer.final_lr_ratio": Rule(float, lo=0.0, hi=1.0),
     "optimizer.weight_decay": Rule(float, lo=0.0), "optimizer.b1": UNIT_OPEN, "optimizer.b2": UNIT_OPEN,

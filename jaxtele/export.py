@@ -3,10 +3,12 @@
   python -m jaxtele.export --source SmolLM2.gguf --out exported/smollm2                 # GGUF -> HF folder
   python -m jaxtele.export --source HuggingFaceTB/SmolLM2-135M --out exported/smol --format jaxtele
   python -m jaxtele.export --source runs/my_lora_run --out exported/adapter --format adapter [--step 200]
+  python -m jaxtele.export --source peft_adapter/ --base HuggingFaceTB/SmolLM2-135M --out merged --format hf
 
-Sources: an HF folder, an HF hub id (online), a `.gguf` file, a jaxtele folder, or a run directory
-(its latest checkpoint, or `--step`). Formats:
-  hf       a folder `transformers` loads (a LoRA run is merged first)
+Sources: an HF folder, an HF hub id (online), a `.gguf` file, a jaxtele folder, a run directory
+(its latest checkpoint, or `--step`), or a PEFT adapter folder with `--base` (default: the adapter's
+`base_model_name_or_path`). Formats:
+  hf       a folder `transformers` loads (a LoRA run is merged first; an NF4 base needs --dequantize)
   adapter  a PEFT adapter (LoRA runs), with `base/` beside it when the run's base is not an HF folder
   jaxtele  config.json + an Orbax checkpoint of the parameters, loadable as a model source
 The output is written to a temporary sibling and renamed into place at the end, so a failed export
@@ -45,18 +47,18 @@ def atomic_output_dir(out: str, overwrite: bool):
   os.rename(tmp, out)
 
 
-def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None, base=""):
-  """One format into `folder`. `lora` (rank, alpha, rslora) is needed for adapters; hf merges them
-  into the kernels first (in place)."""
+def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None, base="", dequantize=False):
+  """One format into `folder`. `lora` ({"rslora": ...}) describes adapters; hf and jaxtele merge them into the
+  kernels first (in place), which a quantized (NF4) base allows only with `dequantize`."""
   from jaxtele.convert import hf, native, peft
   from jaxtele.models.lora import lora_paths, merge_lora
 
   if fmt == "adapter":
     if not lora_paths(model):
       raise JaxteleError("--format adapter: the source has no LoRA adapters (it is not a LoRA run)")
-    peft.save_adapter(model, folder, rank=lora["rank"], alpha=lora["alpha"], rslora=lora["rslora"], base_model=base)
+    peft.save_adapter(model, folder, rslora=bool((lora or {}).get("rslora")), base_model=base)
     return
-  merge_lora(model)
+  merge_lora(model, dequantize=dequantize)
   if fmt == "hf":
     hf.save_hf(model, folder, tokenizer=tokenizer, dtype=dtype)
   elif fmt == "jaxtele":
@@ -70,17 +72,15 @@ def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str
   adapters trained; else the run's base written to `folder` (with any trained extra modules)."""
   from flax import nnx
 
-  from jaxtele.models.lora import lora_paths
+  from jaxtele.models.lora import strip_adapters
 
   src = cfg.model.source
   if src and os.path.isfile(os.path.join(src, "config.json")) and not cfg.lora.extra_trainable:
     return os.path.abspath(src)
-  base = nnx.merge(graphdef, params, frozen)
-  modules = dict(nnx.iter_modules(base))
-  for path in lora_paths(base):
-    modules[path].lora_a, modules[path].lora_b = nnx.data(None), nnx.data(None)
+  # The original base: a PiSSA residual gets its top-R part back; an NF4 base is written dequantized.
+  base = strip_adapters(nnx.merge(graphdef, params, frozen))
   with atomic_output_dir(folder, overwrite=True) as tmp:
-    write(base, "hf", tmp, tokenizer=tokenizer, dtype=dtype)
+    write(base, "hf", tmp, tokenizer=tokenizer, dtype=dtype, dequantize=True)
   return os.path.abspath(folder)
 
 
@@ -91,7 +91,8 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
 
   root = root or os.path.join(cfg.run_dir, "export")
   dtype = cfg.export.dtype or cfg.model.param_dtype
-  lora = {k: cfg.lora[k] for k in ("rank", "alpha", "rslora")}
+  lora = {"rslora": cfg.lora.rslora}
+  dequantize = cfg.lora.get("quantize_base", "none") not in (None, "none")
   jobs = []
   if cfg.train.mode == "full" and cfg.export.hf:
     jobs.append(("hf", "hf"))
@@ -104,7 +105,8 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
     base = adapter_base(cfg, graphdef, params, frozen, os.path.join(root, "base"), tokenizer, dtype) \
         if fmt == "adapter" else ""
     with atomic_output_dir(os.path.join(root, name), overwrite=True) as tmp:
-      write(nnx.merge(graphdef, params, frozen), fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base)
+      write(nnx.merge(graphdef, params, frozen), fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base,
+            dequantize=dequantize)
       # The run's resolved config travels with the weights: evaluation prompts with its SFT template.
       with open(os.path.join(tmp, "jaxtele_run.json"), "w") as f:
         f.write(cfg.to_json(indent=2))
@@ -113,8 +115,22 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
   return written
 
 
+def load_adapter_source(source: str, base: str | None):
+  """A PEFT adapter folder on its base -> (model with the adapter, tokenizer, lora info, base path)."""
+  from jaxtele.convert import load_pretrained
+  from jaxtele.convert.peft import load_adapter, read_config
+
+  config = read_config(source)
+  base = base or config.get("base_model_name_or_path") or ""
+  if not base:
+    raise JaxteleError(f"{source}: the adapter names no base model; pass --base")
+  pre = load_pretrained(base)
+  load_adapter(pre.model, source)
+  return pre.model, pre.tokenizer, {"rslora": bool(config.get("use_rslora"))}, base
+
+
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
-           step: int | None = None):
+           step: int | None = None, base: str | None = None, dequantize: bool = False):
   from flax import nnx
 
   from jaxtele.convert import load_pretrained
@@ -123,36 +139,43 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
     raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
   if dtype not in (None, *DTYPES):
     raise JaxteleError(f"--dtype: unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-  lora, base = None, ""
-  if os.path.isdir(os.path.join(source, "checkpoints")):
+  lora, adapter_on = None, ""
+  if os.path.isfile(os.path.join(source, "adapter_config.json")):
+    model, tokenizer, lora, adapter_on = load_adapter_source(source, base)
+  elif os.path.isdir(os.path.join(source, "checkpoints")):
     from jaxtele.build import load_run
 
     cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
     model = nnx.merge(graphdef, params, frozen)
-    lora = {k: cfg.lora[k] for k in ("rank", "alpha", "rslora")}
+    lora = {"rslora": cfg.lora.rslora}
     if fmt == "adapter" and cfg.train.mode == "lora":
       # Beside the adapter, not inside it: `out` is replaced as a whole.
-      base = adapter_base(cfg, graphdef, params, frozen, out.rstrip("/") + "-base", tokenizer,
-                          dtype or cfg.model.param_dtype)
+      adapter_on = adapter_base(cfg, graphdef, params, frozen, out.rstrip("/") + "-base", tokenizer,
+                                dtype or cfg.model.param_dtype)
   else:
+    if base:
+      raise JaxteleError("--base: only for a PEFT adapter source (a folder with adapter_config.json)")
     pre = load_pretrained(source)
     model, tokenizer = pre.model, pre.tokenizer
   with atomic_output_dir(out, overwrite) as tmp:
-    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base)
-  print(f"exported {source} -> {out} ({fmt}{', base ' + base if base else ''})")
+    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=adapter_on, dequantize=dequantize)
+  print(f"exported {source} -> {out} ({fmt}{', base ' + adapter_on if adapter_on else ''})")
 
 
 @cli
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jaxtele.export", description=__doc__.split("\n")[0])
-  p.add_argument("--source", required=True, help="HF folder, HF hub id, .gguf, jaxtele folder or run directory")
+  p.add_argument("--source", required=True,
+                 help="HF folder, HF hub id, .gguf, jaxtele folder, run directory or PEFT adapter folder")
+  p.add_argument("--base", default=None, help="PEFT adapter sources: the base model (default: the adapter's)")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--format", default="hf", choices=FORMATS)
   p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
   p.add_argument("--step", type=int, default=None, help="run directories: the checkpoint step (default: latest)")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--dequantize", action="store_true", help="allow merging adapters into an NF4 base (as floats)")
   args = p.parse_args(argv)
-  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step)
+  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step, args.base, args.dequantize)
 
 
 if __name__ == "__main__":

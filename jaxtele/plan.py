@@ -12,7 +12,7 @@ import jax
 
 from jaxtele import build
 from jaxtele.config import print_config
-from jaxtele.optimizer import make_optimizer
+from jaxtele.optimizer import run_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, bytes_per_device, make_mesh
 from jaxtele.step import init_state, make_train_step
 
@@ -23,7 +23,7 @@ def plan(cfg, compile_step: bool = True, out=sys.stdout) -> dict:
   model_cfg = build.model_config(cfg.model)
   mesh = make_mesh(cfg.mesh)
   graphdef, params, frozen = build.abstract_split(cfg)
-  tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+  tx, _ = run_optimizer(cfg)
   state = jax.eval_shape(lambda p: init_state(p, tx), params)
   rules = Shardings(mesh, model_cfg.num_heads, model_cfg.num_kv_heads)
   state_sh, frozen_sh = rules.tree(state), rules.tree(frozen)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtele.models.adapters import adapter_inputs
 from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count
 from jaxtele.sharding import path_str
 
@@ -19,9 +20,14 @@ def init_state(params, tx) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def loss_sums(graphdef, params, frozen, batch, loss: str = "plain", chunk: int = 1024):
-  """(NLL sum, trained-target count). `chunked` never materialises the [B, T, V] logits (see loss.py)."""
-  model = nnx.merge(graphdef, params, frozen)
+def loss_sums(graphdef, params, frozen, batch, loss: str = "plain", chunk: int = 1024, dropout_key=None):
+  """(NLL sum, trained-target count). `chunked` never materialises the [B, T, V] logits (see loss.py);
+  `dropout_key` turns on adapter dropout (training); without it the model is deterministic."""
+  with adapter_inputs(dropout_key=dropout_key):
+    return _loss_sums(nnx.merge(graphdef, params, frozen), batch, loss, chunk)
+
+
+def _loss_sums(model, batch, loss, chunk):
   if loss == "chunked":
     h_BTD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
     return chunked_sum_and_count(h_BTD, model.output_matrix(), batch["targets"], batch["loss_mask"], chunk)
@@ -30,11 +36,12 @@ def loss_sums(graphdef, params, frozen, batch, loss: str = "plain", chunk: int =
 
 
 def group_norms(grads) -> dict:
-  """Gradient norm per group: LoRA A, LoRA B, and trainable base weights (full FT, or extra modules)."""
+  """Gradient norm per group: LoRA A, LoRA B, DoRA magnitude, and trainable base weights (full FT, or extra
+  modules)."""
   groups = {}
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     leaf = path_str(path).rsplit("/", 1)[-1]
-    name = leaf if leaf in ("lora_a", "lora_b") else "base"
+    name = leaf if leaf in ("lora_a", "lora_b", "lora_magnitude") else "base"
     groups[name] = groups.get(name, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
   return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in groups.items()}
 
@@ -44,19 +51,26 @@ def micro_batches(batch, k: int):
   return jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(graphdef, tx, grad_accum: int, loss: str = "plain", chunk: int = 1024):
-  grad_fn = jax.value_and_grad(lambda p, f, b: loss_sums(graphdef, p, f, b, loss, chunk), has_aux=True)
+def make_train_step(graphdef, tx, grad_accum: int, loss: str = "plain", chunk: int = 1024,
+                    dropout_seed: int | None = None):
+  """`dropout_seed`: adapter dropout on, with a key per (step, micro-batch) derived from it: a resumed run
+  draws the same masks as an uninterrupted one."""
+  grad_fn = jax.value_and_grad(lambda p, f, b, k: loss_sums(graphdef, p, f, b, loss, chunk, k), has_aux=True)
 
   def train_step(state, frozen, batch):
     params = state["params"]
+    step_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
 
-    def accumulate(carry, mb):
+    def accumulate(carry, i_mb):
       g_sum, s_sum, c_sum = carry
-      (s, c), g = grad_fn(params, frozen, mb)
+      i, mb = i_mb
+      key = None if step_key is None else jax.random.fold_in(step_key, i)
+      (s, c), g = grad_fn(params, frozen, mb, key)
       return (jax.tree.map(jnp.add, g_sum, g), s_sum + s, c_sum + c), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (g_sum, s_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches(batch, grad_accum))
+    steps = (jnp.arange(grad_accum), micro_batches(batch, grad_accum))
+    (g_sum, s_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), steps)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, g_sum)
     loss = s_sum / denom

@@ -22,7 +22,7 @@ from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval.perplexity import evaluate
 from jaxtele.models.attention import resolve_attention
 from jaxtele.metrics import MetricsWriter, Throughput, flops_per_token
-from jaxtele.optimizer import make_optimizer
+from jaxtele.optimizer import run_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, global_batch, host_copy, make_mesh, put
 from jaxtele.step import init_state, make_eval_step, make_train_step
 
@@ -101,7 +101,7 @@ def setup(cfg) -> Setup:
 
   graphdef, params, frozen = build.split_model(build.build_model(cfg), cfg)
   meta = run_meta(cfg, model_cfg, frozen, data_seed)
-  tx, lr_schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+  tx, lr_schedule = run_optimizer(cfg)
   state = init_state(params, tx)
   rules = Shardings(mesh, model_cfg.num_heads, model_cfg.num_kv_heads)
   state_sh, frozen_sh = rules.tree(state), rules.tree(frozen)
@@ -117,7 +117,9 @@ def setup(cfg) -> Setup:
     log(f"resumed from {ckpt.directory}/{latest}")
 
   loss = {"loss": cfg.train.loss, "chunk": cfg.train.loss_chunk}
-  train_step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum, **loss), donate_argnums=(0,),
+  dropout_seed = cfg.seed if cfg.train.mode == "lora" and cfg.lora.dropout > 0 else None
+  train_step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum, **loss, dropout_seed=dropout_seed),
+                       donate_argnums=(0,),
                        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)), out_shardings=(state_sh, None))
   adapter_params = n_train if cfg.train.mode == "lora" else 0
   throughput = Throughput(flops_per_token(model_cfg, cfg.data.seq_len, cfg.train.mode, adapter_params))

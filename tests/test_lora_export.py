@@ -21,8 +21,8 @@ def randomize_adapters(model, seed=0):
   rng = np.random.default_rng(seed)
   modules = dict(nnx.iter_modules(model))
   for p in lora_paths(model):
-    lin = modules[p]
-    lin.lora_b.set_value(rng.normal(0, 0.05, lin.lora_b.shape).astype(np.float32))
+    b = modules[p].adapters["default"].lora_b
+    b.set_value(rng.normal(0, 0.05, b.shape).astype(np.float32))
 
 
 @pytest.mark.parametrize("targets,rslora", [("all-linear", False), ("q_proj,v_proj", True),

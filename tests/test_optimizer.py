@@ -101,3 +101,63 @@ def test_lora_with_extra_trainable_norms():
   assert {"grad_norm/lora_a", "grad_norm/lora_b", "grad_norm/base"} <= set(metrics)
   flat_b, flat_a = nnx.traversals.flatten_mapping(before), nnx.traversals.flatten_mapping(after)
   assert any(not np.array_equal(flat_b[p], flat_a[p]) for p in flat_b if p[-1] == "scale")
+
+
+def lora_step(variant="lora", plus_ratio=0.0, dropout=0.0, seed=None):
+  model = init_model(TINY)
+  add_lora(model, 4, 8.0, variant=variant, dropout=dropout)
+  graphdef, params, frozen = nnx.split(model, trainable_filter("lora"), ...)
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  tx, _ = make_optimizer(opt_cfg(warmup_ratio=0.0, clip=0.0), 10, plus_ratio=plus_ratio)
+  state = init_state(params, tx)
+  new, _ = jax.jit(make_train_step(graphdef, tx, 1))(state, frozen, batch_of())
+  return params, new["params"], frozen
+
+
+def test_lora_plus_scales_only_b_updates():
+  """Adam's update is lr * m/(sqrt(v)+eps) + lr * wd * p: with lr x ratio on B it is exactly ratio x plain's."""
+  before, plain, _ = lora_step(plus_ratio=0.0)
+  _, plus, _ = lora_step(plus_ratio=16.0)
+  fb, fp, fq = (nnx.traversals.flatten_mapping(t) for t in (before, plain, plus))
+  for path, x in fb.items():
+    d_plain, d_plus = fp[path] - x, fq[path] - x
+    want = 16.0 * d_plain if path[-1] == "lora_b" else d_plain
+    np.testing.assert_allclose(d_plus, want, rtol=1e-4, atol=1e-9)
+  assert any(np.abs(fp[p] - fb[p]).max() > 0 for p in fb if p[-1] == "lora_b")
+
+
+def test_dora_step_moves_only_adapter_leaves():
+  before, after, frozen = lora_step(variant="dora")
+  names = {p[-1] for p in nnx.traversals.flatten_mapping(after)}
+  assert names == {"lora_a", "lora_b", "lora_magnitude"}
+  fb, fa = nnx.traversals.flatten_mapping(before), nnx.traversals.flatten_mapping(after)
+  for leaf in names:
+    assert any(not np.array_equal(fb[p], fa[p]) for p in fb if p[-1] == leaf)
+  # The frozen base is not in the optimised tree at all, so the step cannot have moved it.
+  assert not any(p[-1] in ("kernel", "embedding", "bias", "scale") for p in fa)
+
+
+def test_adapter_dropout_only_with_a_key():
+  from jaxtele.models.adapters import adapter_inputs
+  from jaxtele.models.lora import linears
+
+  model = init_model(TINY)
+  add_lora(model, 4, 8.0, dropout=0.5)
+  for lin in linears(model).values():
+    b = lin.adapters["default"].lora_b
+    b.set_value(np.full(b.shape, 0.1, np.float32))
+  tokens = batch_of()["tokens"]
+  eval_a, eval_b = np.asarray(model(tokens)), np.asarray(model(tokens))
+  assert np.array_equal(eval_a, eval_b)  # deterministic without a key
+  with adapter_inputs(dropout_key=jax.random.key(0)):
+    drop0 = np.asarray(model(tokens))
+  with adapter_inputs(dropout_key=jax.random.key(1)):
+    drop1 = np.asarray(model(tokens))
+  assert np.abs(drop0 - eval_a).max() > 1e-4 and np.abs(drop0 - drop1).max() > 1e-4
+
+
+def test_lora_plus_ratio_must_not_be_negative():
+  from jaxtele.errors import JaxteleError
+
+  with pytest.raises(JaxteleError, match="lora.plus_ratio"):
+    make_optimizer(opt_cfg(), 10, plus_ratio=-1.0)

@@ -67,10 +67,10 @@ def test_lora_leaves_follow_their_kernel(tiny):
   state, frozen, _ = placed_state(tiny, {"data": 1, "fsdp": 4, "tensor": 2}, "--config.train.mode=lora",
                                   "--config.lora.rank=4")
   params = specs(state["params"])
-  assert set(find(params, "'q_proj']['lora_a'")) == {P("fsdp", None)}  # in = embed -> fsdp
-  assert set(find(params, "'q_proj']['lora_b'")) == {P(None, "tensor")}  # out = heads -> tensor
-  assert set(find(params, "'o_proj']['lora_a'")) == {P("tensor", None)}
-  assert set(find(params, "'o_proj']['lora_b'")) == {P(None, "fsdp")}
+  assert set(find(params, "'q_proj']", "'lora_a'")) == {P("fsdp", None)}  # in = embed -> fsdp
+  assert set(find(params, "'q_proj']", "'lora_b'")) == {P(None, "tensor")}  # out = heads -> tensor
+  assert set(find(params, "'o_proj']", "'lora_a'")) == {P("tensor", None)}
+  assert set(find(params, "'o_proj']", "'lora_b'")) == {P(None, "fsdp")}
   assert set(find(specs(frozen), "'q_proj']['kernel'")) == {P("fsdp", "tensor")}
 
 

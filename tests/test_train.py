@@ -50,7 +50,7 @@ def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path, tiny):
     assert np.array_equal(np.asarray(a), np.asarray(b))  # bit-identical
   params = res["state"]["params"]
   n_layers = cfg.model.init.num_layers
-  names = sorted({"/".join(str(k.key) for k in p[-2:]) for p, _ in jax.tree_util.tree_leaves_with_path(params)})
+  names = sorted({f"{p[-4].key}/{p[-1].key}" for p, _ in jax.tree_util.tree_leaves_with_path(params)})
   assert names == ["q_proj/lora_a", "q_proj/lora_b", "v_proj/lora_a", "v_proj/lora_b"]
   assert len(jax.tree.leaves(params)) == 4 * n_layers
   adam = res["state"]["opt_state"][1][0]

@@ -1,56 +1,149 @@
-"""LoRA adapters out as PEFT adapters: `adapter_config.json` + `adapter_model.safetensors`.
+"""Adapters in and out as PEFT adapters: `adapter_config.json` + `adapter_model.safetensors`.
 
-PEFT stores `lora_A.weight` [r, in] and `lora_B.weight` [out, r] under the base module's name, the
-transposes of our `lora_a` [in, r] and `lora_b` [r, out]; scaling is alpha / r (alpha / sqrt(r) for rsLoRA).
+PEFT stores `lora_A.weight` [R, I] and `lora_B.weight` [O, R] (DoRA adds `lora_magnitude_vector` [O]) under
+the base module's name, the transposes of our `lora_a` [I, R] and `lora_b` [R, O]; scaling is alpha / R
+(alpha / sqrt(R) for rsLoRA). Each adapter class names its own tensors (models/adapters.py); this module
+maps module paths and the config. A PiSSA adapter is written as a plain LoRA of rank 2R against the
+ORIGINAL base (PEFT's `path_initial_model_for_weight_conversion`): r and lora_alpha double (alpha x sqrt 2
+for rsLoRA), so the scaling is unchanged.
 """
 
 import json
 import os
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxtele.models.layers import Linear
-from jaxtele.models.lora import lora_paths, module_name
+from jaxtele.errors import JaxteleError
+from jaxtele.models.adapters import VARIANTS, PissaAdapter
+from jaxtele.models.lora import DEFAULT, attach, linears, lora_paths, module_name
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
 
 
 def peft_prefix(path) -> str:
   head = "" if path[0] == "lm_head" else "model."
-  return f"base_model.model.{head}{module_name(path)}"
+  return f"{PREFIX}{head}{module_name(path)}"
 
 
-def adapter_tensors(model) -> dict[str, np.ndarray]:
-  from flax import nnx
+def adapters_of(model, name: str) -> dict:
+  mods = linears(model)
+  return {p: mods[p].adapters[name] for p in lora_paths(model, name)}
 
-  modules = dict(nnx.iter_modules(model))
+
+def adapter_tensors(model, name: str = DEFAULT) -> dict[str, np.ndarray]:
   out = {}
-  for path in lora_paths(model):
-    lin: Linear = modules[path]
-    out[f"{peft_prefix(path)}.lora_A.weight"] = np.ascontiguousarray(np.asarray(lin.lora_a[...], np.float32).T)
-    out[f"{peft_prefix(path)}.lora_B.weight"] = np.ascontiguousarray(np.asarray(lin.lora_b[...], np.float32).T)
+  for path, adapter in adapters_of(model, name).items():
+    for suffix, x in adapter.peft_tensors().items():
+      out[f"{peft_prefix(path)}.{suffix}"] = np.ascontiguousarray(np.asarray(x, np.float32))
   return out
 
 
 def target_modules(model, paths):
   """PEFT target_modules: module names when they select exactly `paths`, else an exact-path regex."""
-  from flax import nnx
-
   names = sorted({str(p[-1]) for p in paths})
-  same_name = [p for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and str(p[-1]) in names]
+  same_name = [p for p in linears(model) if str(p[-1]) in names]
   if sorted(same_name) == sorted(paths):
     return names
   return "|".join(("model\\." if p[0] != "lm_head" else "") + module_name(p).replace(".", "\\.") for p in paths)
 
 
-def save_adapter(model, folder: str, *, rank: int, alpha: float, rslora: bool = False, base_model: str = ""):
-  os.makedirs(folder, exist_ok=True)
-  paths = lora_paths(model)
+def save_adapter(model, folder: str, *, name: str = DEFAULT, rslora: bool = False, base_model: str = "", **_):
+  """Adapter `name` as a PEFT adapter folder. r and lora_alpha follow from the adapter (rank, scale)."""
+  found = adapters_of(model, name)
+  if not found:
+    raise JaxteleError(f"adapter {name!r}: the model has no such adapter to export")
+  kinds = {(type(a), a.rank, a.scale, a.dropout) for a in found.values()}
+  if len(kinds) > 1:
+    raise JaxteleError(f"adapter {name!r}: its layers differ in variant, rank or scale; PEFT needs one of each")
+  first = next(iter(found.values()))
+  rank = first.rank * (2 if isinstance(first, PissaAdapter) else 1)
+  alpha = first.scale * (rank**0.5 if rslora else rank)
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-      "target_modules": target_modules(model, paths), "lora_dropout": 0.0, "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": rslora, "use_dora": False, "inference_mode": True,
-      "base_model_name_or_path": base_model, "modules_to_save": None, "init_lora_weights": True,
+      "target_modules": target_modules(model, list(found)), "lora_dropout": first.dropout, "bias": "none",
+      "fan_in_fan_out": False, "use_rslora": rslora, "inference_mode": True,
+      "base_model_name_or_path": base_model, "modules_to_save": None, **first.peft_config(),
   }
-  with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, CONFIG), "w") as f:
     json.dump(config, f, indent=2)
-  save_file(adapter_tensors(model), os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+  save_file(adapter_tensors(model, name), os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
+
+
+def read_config(folder: str) -> dict:
+  path = os.path.join(folder, CONFIG)
+  if not os.path.exists(path):
+    raise JaxteleError(f"{path}: missing (not a PEFT adapter folder)")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise JaxteleError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+  if config.get("peft_type") != "LORA":
+    raise JaxteleError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+  for key, off in (("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None), ("lora_bias", False),
+                   ("fan_in_fan_out", False)):
+    if config.get(key) not in (off, None, {}, [], False):
+      raise JaxteleError(f"{path}: {key}={config[key]!r} is not supported")
+  return config
+
+
+def read_tensors(folder: str) -> dict[str, dict[str, np.ndarray]]:
+  """{module name (dotted, ours): {suffix: array}} from the adapter's safetensors."""
+  path = os.path.join(folder, WEIGHTS)
+  if not os.path.exists(path):
+    raise JaxteleError(f"{path}: missing (only safetensors adapters are read)")
+  out = {}
+  with safe_open(path, framework="numpy") as f:
+    for key in f.keys():
+      if not key.startswith(PREFIX):
+        raise JaxteleError(f"{path}: tensor {key!r} does not start with {PREFIX!r}")
+      rest = key[len(PREFIX):]
+      rest = rest[len("model."):] if rest.startswith("model.") else rest
+      for suffix in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight", "lora_magnitude_vector"):
+        if rest.endswith("." + suffix):
+          module = rest[:-len(suffix) - 1]
+          out.setdefault(module, {})[suffix.replace("_vector.weight", "_vector")] = f.get_tensor(key)
+          break
+      else:
+        raise JaxteleError(f"{path}: tensor {key!r} is not a LoRA/DoRA tensor")
+  return out
+
+
+def check_shapes(tensors: dict, lin, rank: int, where: str, module: str):
+  d_in, d_out = lin.shape
+  want = {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank), "lora_magnitude_vector": (d_out,)}
+  for suffix, x in tensors.items():
+    if tuple(x.shape) != want[suffix]:
+      key = f"{PREFIX}{'' if module.startswith('lm_head') else 'model.'}{module}.{suffix}"
+      raise JaxteleError(f"{where}: tensor {key} has shape {list(x.shape)}, this base needs "
+                         f"{list(want[suffix])} (an adapter for another base, or r={rank} differs)")
+  missing = {"lora_A.weight", "lora_B.weight"} - set(tensors)
+  if missing:
+    raise JaxteleError(f"{where}: module {module} lacks {sorted(missing)[0]}")
+
+
+def load_adapter(model, adapter_dir: str, name: str = DEFAULT):
+  """Load a PEFT LoRA/rsLoRA/DoRA adapter onto `model` as adapter `name` (in place; the base is shared, not
+  copied). An adapter already there under `name` with the same shapes takes the new weights in place, so a
+  jitted forward is reused. Returns `model`."""
+  config = read_config(adapter_dir)
+  where = os.path.join(adapter_dir, WEIGHTS)
+  rank, alpha = int(config["r"]), float(config["lora_alpha"])
+  scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+  cls = VARIANTS["dora" if config.get("use_dora") else "lora"]
+  mods = {module_name(p): m for p, m in linears(model).items()}
+  for module, tensors in read_tensors(adapter_dir).items():
+    if module not in mods:
+      raise JaxteleError(f"{where}: module {module!r} is not a linear layer of this base")
+    check_shapes(tensors, mods[module], rank, where, module)
+    if config.get("use_dora") and "lora_magnitude_vector" not in tensors:
+      raise JaxteleError(f"{where}: use_dora is set but module {module} has no lora_magnitude_vector")
+    adapter = cls.from_peft({k: np.asarray(v, np.float32) for k, v in tensors.items()}, mods[module], scale=scale,
+                            dropout=float(config.get("lora_dropout") or 0.0))
+    attach(mods[module], name, adapter)
+  return model

@@ -1,4 +1,4 @@
-"""Building blocks: a linear layer that may carry LoRA leaves, RMSNorm, and the token embedding.
+"""Building blocks: a linear layer that may carry adapters, RMSNorm, and the token embedding.
 
 Leaf names mirror Hugging Face (`kernel` is the transpose of HF's `weight`), so conversion is a mapping.
 """
@@ -7,35 +7,43 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtele.models import adapters
+
 
 def normal_init(key, shape, dtype, std=0.02):
   return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias) (+ scale * x @ lora_a @ lora_b).
+  """y = x @ W (+ bias) + the active adapter's contribution.
 
-  The LoRA leaves are `nnx.LoRAParam`s that `models.lora.add_lora` attaches; without them this is a
-  plain dense layer, which is what full fine-tuning trains.
+  W is read through `base_kernel(dtype)`: the `kernel` [I, O] Param, or an NF4 `quant` storage when the
+  frozen base is quantized. Adapters (models/adapters.py) sit in `adapters` by name; without any this is
+  a plain dense layer, which is what full fine-tuning trains.
   """
 
   def __init__(self, in_features, out_features, *, use_bias, dtype, param_dtype, rngs):
     self.kernel = nnx.Param(normal_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
-    # Declared as data so add_lora can later put LoRAParams here.
-    self.lora_a = nnx.data(None)
-    self.lora_b = nnx.data(None)
-    self.lora_scale = 0.0
+    self.quant = nnx.data(None)
+    self.adapters = nnx.Dict()
+    self.active = None  # the adapter name used when a call names none
     self.dtype = dtype
+
+  @property
+  def shape(self):
+    return self.kernel.shape if self.quant is None else self.quant.shape
+
+  def base_kernel(self, dtype=None):
+    w_IO = self.kernel[...] if self.quant is None else self.quant.dequantize(jnp.float32)
+    return w_IO.astype(dtype or self.dtype)
 
   def __call__(self, x_BTI):
     x_BTI = x_BTI.astype(self.dtype)
-    y_BTO = x_BTI @ self.kernel[...].astype(self.dtype)
+    base_BTO = x_BTI @ self.base_kernel(self.dtype)
+    y_BTO = base_BTO + adapters.delta(self, x_BTI, base_BTO)
     if self.bias is not None:
       y_BTO = y_BTO + self.bias[...].astype(self.dtype)
-    if self.lora_a is not None:
-      z_BTR = x_BTI @ self.lora_a[...].astype(self.dtype)
-      y_BTO = y_BTO + self.lora_scale * (z_BTR @ self.lora_b[...].astype(self.dtype))
     return y_BTO
 
 

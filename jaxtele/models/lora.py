@@ -1,27 +1,38 @@
-"""LoRA as a tree rewrite: low-rank leaves beside the base kernel, one filter deciding what trains.
+"""LoRA as a tree rewrite: adapter modules beside the base kernels, one filter deciding what trains.
 
-`add_lora` attaches `lora_a` [in, r] (PEFT's Kaiming-uniform init) and `lora_b` [r, out] (zeros, so
-the adapted model starts equal to the base) to the targeted `Linear`s. `trainable_filter` is the one
-rule used to split the state into what is differentiated, optimised and checkpointed, and what stays
-frozen. `merge_lora` folds the adapters back into the kernels.
+`add_lora` attaches an adapter (models/adapters.py: lora / rslora scaling, dora, pissa) under a name to the
+targeted `Linear`s: `lora_a` [I, R] gets PEFT's Kaiming-uniform init, `lora_b` [R, O] zeros, so the adapted
+model starts equal to the base (PiSSA instead moves W's top-R singular directions into A, B). `trainable_filter`
+is the one rule used to split the state into what is differentiated, optimised and checkpointed, and what
+stays frozen. `merge_lora` / `unmerge_lora` fold adapters into the kernels and back (exactly);
+`quantize_base` stores the frozen kernels in NF4. Legend: I in features, O out features, R rank.
 """
 
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxtele.errors import JaxteleError
+from jaxtele.models.adapters import VARIANTS, DoraAdapter, PissaAdapter
 from jaxtele.models.decoder import Decoder
 from jaxtele.models.layers import Linear
+from jaxtele.models.quantize import NF4Weight
 
 # PEFT's "all-linear": every linear layer except the output head.
 ALL_LINEAR = "all-linear"
+DEFAULT = "default"
+QUANTIZERS = ("none", "nf4")
 
 
 def module_name(path) -> str:
   return ".".join(str(p) for p in path)
+
+
+def linears(model) -> dict:
+  return {p: m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
 def target_paths(model: Decoder, targets) -> list[tuple]:
@@ -30,50 +41,110 @@ def target_paths(model: Decoder, targets) -> list[tuple]:
   `targets`: "all-linear"; module names, comma-separated ("q_proj,v_proj", as PEFT's target_modules);
   or "re:" and a regex matched against the full dotted path ("re:layers\\.[0-9]\\.self_attn\\..*").
   """
-  linears = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+  found = linears(model)
   if targets == ALL_LINEAR:
-    chosen = [p for p, _ in linears if p[0] != "lm_head"]
+    chosen = [p for p in found if p[0] != "lm_head"]
   elif targets.startswith("re:"):
-    chosen = [p for p, _ in linears if re.fullmatch(targets[3:], module_name(p))]
+    chosen = [p for p in found if re.fullmatch(targets[3:], module_name(p))]
   else:
     names = {t.strip() for t in targets.split(",") if t.strip()}
-    unknown = names - {str(p[-1]) for p, _ in linears}
+    unknown = names - {str(p[-1]) for p in found}
     if unknown:
       raise JaxteleError(f"lora.targets: no linear layer named {sorted(unknown)[0]!r}")
-    chosen = [p for p, _ in linears if p[-1] in names]
+    chosen = [p for p in found if p[-1] in names]
   if not chosen:
     raise JaxteleError(f"lora.targets: {targets!r} selects no linear layer")
   return chosen
 
 
-def add_lora(model: Decoder, rank: int, alpha: float, targets=ALL_LINEAR, seed: int = 0,
-             rslora: bool = False) -> list[tuple]:
-  """Attach LoRA leaves in place; returns the adapted module paths."""
+def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
+  return alpha / (rank**0.5 if rslora else rank)
+
+
+def pissa_factors(w_IO, rank: int, scale: float):
+  """A [I, R], B [R, O] with s * A @ B = W's top-R part (PEFT: sqrt of the singular values / s on each side)."""
+  u_IK, s_K, vt_KO = np.linalg.svd(np.asarray(w_IO, np.float64), full_matrices=False)
+  root_R = np.sqrt(s_K[:rank] / scale)
+  return (u_IK[:, :rank] * root_R).astype(np.float32), (root_R[:, None] * vt_KO[:rank]).astype(np.float32)
+
+
+def add_lora(model: Decoder, rank: int, alpha: float, targets=ALL_LINEAR, seed: int = 0, rslora: bool = False,
+             variant: str = "lora", dropout: float = 0.0, name: str = DEFAULT) -> list[tuple]:
+  """Attach adapter `name` in place (and make it active); returns the adapted module paths."""
   if rank <= 0:
     raise JaxteleError(f"lora.rank: must be positive, got {rank}")
+  if variant not in VARIANTS:
+    raise JaxteleError(f"lora.variant: unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+  if not 0.0 <= dropout < 1.0:
+    raise JaxteleError(f"lora.dropout: must be in [0, 1), got {dropout}")
   paths = target_paths(model, targets)
   key = jax.random.key(seed)
-  modules = dict(nnx.iter_modules(model))
+  modules = linears(model)
+  scale = lora_scale(rank, alpha, rslora)
   for i, path in enumerate(paths):
     lin = modules[path]
-    d_in, d_out = lin.kernel.shape
-    bound = 1.0 / d_in**0.5
-    a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, rank), jnp.float32, -bound, bound)
-    lin.lora_a = nnx.LoRAParam(a)
-    lin.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
-    lin.lora_scale = alpha / (rank**0.5 if rslora else rank)
+    d_in, d_out = lin.shape
+    if variant == "pissa":
+      if lin.quant is not None:
+        raise JaxteleError(f"{module_name(path)}: PiSSA needs a float base (quantize the residual after init)")
+      a, b = pissa_factors(lin.kernel[...], rank, scale)
+      adapter = PissaAdapter(a, b, scale=scale, dropout=dropout)
+      lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) - adapter.initial_delta()).astype(lin.kernel.dtype))
+    else:
+      bound = 1.0 / d_in**0.5
+      a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, rank), jnp.float32, -bound, bound)
+      b = jnp.zeros((rank, d_out), jnp.float32)
+      if variant == "dora":
+        adapter = DoraAdapter(a, b, DoraAdapter.column_norm(lin.base_kernel(jnp.float32), 0.0), scale=scale,
+                              dropout=dropout)
+      else:
+        adapter = VARIANTS[variant](a, b, scale=scale, dropout=dropout)
+    attach(lin, name, adapter)
   return paths
 
 
-def lora_paths(model: Decoder) -> list[tuple]:
-  return [p for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.lora_a is not None]
+def check_name(name: str):
+  # Adapters are attributes of an nnx.Dict: a name must be an identifier that is not one of its methods.
+  if not (isinstance(name, str) and name.isidentifier() and not hasattr(nnx.Dict, name)):
+    raise JaxteleError(f"adapter name {name!r}: must be a Python identifier other than a dict method")
+
+
+def attach(lin: Linear, name: str, adapter):
+  """Put `adapter` under `name`, or copy its weights into the one already there (same shapes: no recompile)."""
+  check_name(name)
+  old = lin.adapters.get(name)
+  shapes = lambda a: jax.tree.map(jnp.shape, nnx.state(a, nnx.LoRAParam))
+  if old is not None and type(old) is type(adapter) and old.scale == adapter.scale and shapes(old) == shapes(adapter):
+    old.assign(adapter)
+  else:
+    lin.adapters[name] = adapter
+  if lin.active is None:
+    lin.active = name
+
+
+def lora_paths(model: Decoder, name: str | None = None) -> list[tuple]:
+  """Paths of the Linears holding adapter `name` (any adapter when None)."""
+  return [p for p, m in linears(model).items() if (name in m.adapters if name is not None else len(m.adapters))]
+
+
+def adapter_names(model: Decoder) -> list[str]:
+  return sorted({n for m in linears(model).values() for n in m.adapters})
+
+
+def set_active(model: Decoder, name: str | None):
+  """The adapter every Linear uses when a call names none (None: the bare base)."""
+  if name is not None and name not in adapter_names(model):
+    raise JaxteleError(f"adapter {name!r}: not loaded (loaded: {', '.join(adapter_names(model)) or 'none'})")
+  for lin in linears(model).values():
+    lin.active = name
 
 
 def trainable_filter(mode: str, extra: str = ""):
   """The filter over (path, variable) that says what trains.
 
-  full: every parameter. lora: LoRA leaves only (note LoRAParam subclasses Param, so it is named
-  explicitly), plus base parameters whose dotted path matches the `extra` regex (norms, embeddings).
+  full: every parameter. lora: adapter leaves only (note LoRAParam subclasses Param, so it is named
+  explicitly; DoRA's magnitude is a LoRAParam too), plus base parameters whose dotted path matches the
+  `extra` regex (norms, embeddings). Quantized storage and adapters' frozen state are never Params.
   """
   if mode == "full":
     return nnx.Param
@@ -89,14 +160,75 @@ def trainable_filter(mode: str, extra: str = ""):
   return nnx.Any(nnx.LoRAParam, extra_base)
 
 
-def merge_lora(model: Decoder) -> Decoder:
-  """Fold every adapter into its kernel (kernel + scale * A @ B, in fp32) and drop the LoRA leaves."""
-  modules = dict(nnx.iter_modules(model))
-  for path in lora_paths(model):
-    lin = modules[path]
-    delta = lin.lora_scale * (lin.lora_a[...].astype(jnp.float32) @ lin.lora_b[...].astype(jnp.float32))
-    lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) + delta).astype(lin.kernel[...].dtype))
-    lin.lora_a = nnx.data(None)
-    lin.lora_b = nnx.data(None)
-    lin.lora_scale = 0.0
+def dequantize_base(model: Decoder, dtype=jnp.float32) -> Decoder:
+  """NF4 kernels back to float Params (in place)."""
+  for lin in linears(model).values():
+    if lin.quant is not None:
+      lin.kernel = nnx.Param(lin.quant.dequantize(dtype))
+      lin.quant = nnx.data(None)
   return model
+
+
+def quantize_base(model: Decoder, targets=ALL_LINEAR, double_quant: bool = False) -> Decoder:
+  """Store the targeted kernels in NF4 (QLoRA): in place, before or after adding adapters."""
+  for path in target_paths(model, targets):
+    lin = linears(model)[path]
+    if lin.quant is None:
+      lin.quant = NF4Weight(np.asarray(lin.kernel[...], np.float32), double_quant=double_quant)
+      lin.kernel = nnx.data(None)
+  return model
+
+
+def _check_float_base(model, dequantize: bool, what: str):
+  quantized = [p for p, m in linears(model).items() if m.quant is not None]
+  if quantized and not dequantize:
+    raise JaxteleError(f"{module_name(quantized[0])}: the base is NF4-quantized; {what} needs dequantize=True "
+                       "(a float export of a quantized base)")
+  dequantize_base(model)
+
+
+def merge_lora(model: Decoder, name: str | None = None, *, keep: bool = False, dequantize: bool = False) -> Decoder:
+  """Fold adapter `name` (default: each Linear's active one) into its kernel, in fp32. `keep=True` keeps the
+  adapter (and the pre-merge kernel) so `unmerge_lora` restores the base bit for bit; else adapters are dropped."""
+  _check_float_base(model, dequantize, "merging")
+  for lin in linears(model).values():
+    chosen = name or lin.active
+    if chosen is not None and chosen in lin.adapters and not lin.adapters[chosen].merged:
+      merged = lin.adapters[chosen].merge_into(lin.kernel[...])
+      lin.kernel = nnx.Param(merged)
+    if not keep:
+      lin.adapters = nnx.Dict()
+      lin.active = None
+  return model
+
+
+def unmerge_lora(model: Decoder) -> Decoder:
+  """Undo `merge_lora(keep=True)`: every merged adapter gives back the exact pre-merge kernel."""
+  for lin in linears(model).values():
+    for adapter in lin.adapters.values():
+      if adapter.merged:
+        lin.kernel = nnx.Param(adapter.unmerge(lin.kernel[...]))
+  return model
+
+
+def strip_adapters(model: Decoder) -> Decoder:
+  """The original base without adapters (a PiSSA residual gets its initial top-R part back), in place."""
+  for lin in linears(model).values():
+    for adapter in lin.adapters.values():
+      if adapter.merged:
+        lin.kernel = nnx.Param(adapter.unmerge(lin.kernel[...]))
+      if isinstance(adapter, PissaAdapter):
+        lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) + adapter.initial_delta()).astype(lin.kernel.dtype))
+    lin.adapters = nnx.Dict()
+    lin.active = None
+  return model
+
+
+# What a LoRA run's checkpoint records about its adapters: a resume with other values is refused.
+META_KEYS = {"rank": None, "alpha": None, "targets": None, "rslora": False, "extra_trainable": "", "variant": "lora",
+             "dropout": 0.0, "plus_ratio": 0.0, "quantize_base": "none", "double_quant": False}
+
+
+def lora_meta(lora_cfg) -> dict:
+  """`META_KEYS` read from the `lora` config section (defaults for keys it does not have yet)."""
+  return {k: lora_cfg.get(k, default) for k, default in META_KEYS.items()}
