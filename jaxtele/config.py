@@ -177,8 +177,9 @@ def check_rules(cfg):
 # --- Loading: config_flags parses the recipe and the overrides. ---
 
 def load_config(path: str, overrides=()) -> ml_collections.ConfigDict:
-  """A recipe file plus `--config.a.b=value` overrides, checked against `RULES`."""
-  if not os.path.isfile(path):
+  """A recipe file (`path`, or `path:arg` for `get_config(arg)`) plus `--config.a.b=value` overrides, checked
+  against `RULES`."""
+  if not os.path.isfile(path.split(":", 1)[0]):
     raise JaxteleError(f"--config: no such config file {path}")
   base = _parse(path, [])
   for item in overrides:
