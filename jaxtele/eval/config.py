@@ -67,5 +67,10 @@ def validate(cfg):
       raise JaxteleError(f"config: forgetting.sets: {name!r} is not a perplexity set ({', '.join(names) or 'none'})")
   if cfg.forgetting.base and not cfg.forgetting.sets:
     raise JaxteleError("config: forgetting.sets: name the general-text perplexity sets to compare the base on")
+  from jaxtele.eval import prompts
+
+  prompts.check(cfg.mcq.template, "mcq.template")
+  if cfg.open_qa.template:
+    prompts.check(cfg.open_qa.template, "open_qa.template")
   if not cfg.model.source:
     raise JaxteleError("config: model.source: no model to evaluate (pass --model SOURCE)")
