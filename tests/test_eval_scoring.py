@@ -13,8 +13,8 @@ from jaxtele.eval.mcq import wilson
     ("The Paris", "paris", 1.0, 1.0),  # case and article
     ("Paris, France!", "paris france", 1.0, 1.0),  # punctuation
     ("an AMF", "AMF", 1.0, 1.0),
-    ("the access and mobility function", "Access and Mobility Management Function", 2 * (4 / 4 * 4 / 5) / (4 / 4 + 4 / 5),
-     0.0),  # 4 common words: precision 4/4, recall 4/5 -> F1 8/9
+    ("the access and mobility function", "Access and Mobility Management Function",
+     2 * (4 / 4 * 4 / 5) / (4 / 4 + 4 / 5), 0.0),  # 4 common words: precision 4/4, recall 4/5 -> F1 8/9
     ("SMF SMF", "SMF", 2 * (1 / 2 * 1) / (1 / 2 + 1), 0.0),  # bag of words: the repeat counts once in common
     ("UPF", "AMF", 0.0, 0.0),
     ("", "", 1.0, 1.0),
@@ -31,7 +31,8 @@ def test_scores_average_per_item_best_reference():
 
 
 def test_wilson_interval_matches_published_values():
-  # Wilson 95% intervals as tabulated (e.g. Newcombe 1998, Table I): 81/263 -> [0.2553, 0.3662]; 15/148 -> [0.0624, 0.1605]
+  # Wilson 95% intervals as tabulated (Newcombe 1998, Table I): 81/263 -> [0.2553, 0.3662];
+  # 15/148 -> [0.0624, 0.1605]
   assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
   assert wilson(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
   assert wilson(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)

@@ -106,7 +106,8 @@ def _generate_batch(model, fns, state, prompts, sampling, tokenizer, batch_size,
   P = _round_up(max(len(p) for p in prompts), 16)
   S = _round_up(P + sampling.max_new_tokens, 64)
   if max(len(p) for p in prompts) + sampling.max_new_tokens > model.config.max_position_embeddings:
-    raise JaxteleError(f"generation: prompt + max_new_tokens exceeds the model's {model.config.max_position_embeddings} "
+    limit = model.config.max_position_embeddings
+    raise JaxteleError(f"generation: prompt + max_new_tokens exceeds the model's {limit} "
                        "positions")
   tokens_BP, positions_BP = left_pad(prompts, P, batch_size)
   next_pos_B = np.asarray([len(p) for p in prompts] + [1] * (batch_size - len(prompts)), np.int32)
@@ -162,7 +163,7 @@ def main(argv=None):
 
   p = argparse.ArgumentParser(prog="python -m jaxtele.eval.generate", description="Generate from a model.")
   p.add_argument("--model", required=True, help="HF folder, hub id, jaxtele folder or .gguf")
-  p.add_argument("--prompt", action="append", help="text (repeat for a batch); wrapped in the chat template with --chat")
+  p.add_argument("--prompt", action="append", help="text (repeat for a batch); chat template with --chat")
   p.add_argument("--ids", help="comma-separated prompt token ids instead of --prompt")
   p.add_argument("--chat", action="store_true")
   p.add_argument("--max-new-tokens", type=int, default=64)

@@ -52,7 +52,8 @@ def markdown(results: dict) -> str:
       for cat, c in r["per_category"].items():
         lines.append(f"| {name} | {cat} | {c['raw']['items']} | {_ci(c['raw'])} | {_ci(c['norm'])} | |")
   if results.get("open_qa"):
-    lines += ["", "## Open questions", "", "| set | template | answer ppl | answer bits/byte | token F1 | exact match |",
+    lines += ["", "## Open questions", "",
+              "| set | template | answer ppl | answer bits/byte | token F1 | exact match |",
               "|---|---|---|---|---|---|"]
     for name, r in results["open_qa"].items():
       ap, gen = r.get("answer_ppl", {}), r.get("generation", {})
