@@ -223,3 +223,17 @@ def tiny_run(tmp_path_factory, synthetic_corpus):
     return done[name]
 
   return make
+
+
+# --- Evaluation: SmolLM2 exported to an HF folder once, and `transformers` loaded from it (the reference). ---
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2, tmp_path_factory):
+  """(HF folder of the real SmolLM2 as jaxtele exports it, the `transformers` model loaded from it, fp32, eval)."""
+  import transformers
+
+  from jaxtele.convert.hf import save_hf
+
+  folder = str(tmp_path_factory.mktemp("smollm2_hf") / "hf")
+  save_hf(smollm2.model, folder, tokenizer=smollm2.tokenizer)
+  return folder, transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()

@@ -122,3 +122,25 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
   return out_BTKGH.reshape(B, T, N, H)
+
+
+def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_window=None):
+  """Attention of T new queries over a KV cache of S slots (generation).
+
+  Causality is by position, not slot: a key is visible when its position is >= 0 (empty and padding slots
+  hold -1) and not after the query's; with a sliding window, also within `sliding_window` positions. Rows
+  of a left-padded batch thus see only their own tokens.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  scores_BKGTS = scores_BKGTS / np.sqrt(H).astype(np.float32)
+  q_BT1, k_B1S = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+  mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
+  if sliding_window:
+    mask_BTS &= q_BT1 - k_B1S < sliding_window
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)

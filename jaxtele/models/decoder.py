@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtele.errors import JaxteleError
-from jaxtele.models.attention import apply_rope, attention, rope_inv_freq
+from jaxtele.models.attention import apply_rope, attention, cached_attention, rope_inv_freq
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.layers import Embed, Linear, RMSNorm
 
@@ -62,6 +62,21 @@ class Attention(nnx.Module):
                          impl=self.impl)
     return self.o_proj(out_BTNH.reshape(B, T, N * H))
 
+  def cached(self, x_BTD, positions_BT, layer_cache, k_pos_BS, index):
+    """Generation: write this step's keys/values at slot `index` of the cache, attend over all of it."""
+    N, K, H = self.shape
+    B, T, _ = x_BTD.shape
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    rope_pos_BT = jnp.maximum(positions_BT, 0)  # padding (-1) is never attended to
+    q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), rope_pos_BT, inv_freq)
+    k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), rope_pos_BT, inv_freq)
+    v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+    k_BSKH = jax.lax.dynamic_update_slice(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), (0, index, 0, 0))
+    v_BSKH = jax.lax.dynamic_update_slice(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), (0, index, 0, 0))
+    out_BTNH = cached_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), positions_BT,
+                                k_pos_BS, sliding_window=self.sliding_window)
+    return self.o_proj(out_BTNH.reshape(B, T, N * H)), {"k": k_BSKH, "v": v_BSKH}
+
 
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs):
@@ -85,6 +100,12 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT)
     return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+  def cached(self, x_BTD, positions_BT, layer_cache, k_pos_BS, index):
+    attn_BTD, layer_cache = self.self_attn.cached(self.input_layernorm(x_BTD), positions_BT, layer_cache, k_pos_BS,
+                                                  index)
+    x_BTD = x_BTD + attn_BTD
+    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), layer_cache
 
 
 class Decoder(nnx.Module):
@@ -124,6 +145,30 @@ class Decoder(nnx.Module):
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
     return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
+
+  # --- Generation with a KV cache (additive: training never calls these). ---
+
+  def init_cache(self, batch: int, size: int, dtype=None) -> dict:
+    """An empty cache of `size` slots: per layer keys/values [B, S, K, H], and each slot's position (-1: empty)."""
+    cfg = self.config
+    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    return {"layers": layers, "pos": jnp.full((batch, size), -1, jnp.int32)}
+
+  def forward_cached(self, tokens_BT, positions_BT, cache: dict, index):
+    """T new tokens at slots [index, index + T) -> (final hidden states [B, T, D], updated cache).
+
+    `positions_BT` is -1 on padding (left padding of ragged prompts): those slots stay invisible. Apply
+    `logits()` to the rows you need (usually the last), which saves the [B, T, V] logits of a prefill.
+    """
+    k_pos_BS = jax.lax.dynamic_update_slice(cache["pos"], positions_BT.astype(jnp.int32), (0, index))
+    x_BTD = self.embed_tokens(tokens_BT)
+    layers = []
+    for layer, layer_cache in zip(self.layers, cache["layers"], strict=True):
+      x_BTD, layer_cache = layer.cached(x_BTD, positions_BT, layer_cache, k_pos_BS, index)
+      layers.append(layer_cache)
+    return self.norm(x_BTD), {"layers": layers, "pos": k_pos_BS}
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:

@@ -1,0 +1,35 @@
+"""Telecom evaluation: what continual pretraining gained (3GPP held-out perplexity, TeleQnA standards questions
+as multiple choice and as open questions) and what it cost (WikiText-2 perplexity against the base model).
+
+  python -m jaxtele.eval --config configs/eval/telecom.py --model runs/smollm2_135m_full_pretrain \
+      --config.forgetting.base=HuggingFaceTB/SmolLM2-135M --out runs/eval/full_pretrain
+Data paths are under `data_root` (default ../shared/data, relative to where you run): --config.data_root=DIR.
+Without --config.forgetting.base the forgetting comparison is skipped.
+"""
+
+from jaxtele.eval.config import default_config
+from jaxtele.eval.items import STANDARDS
+
+DATA = "{data_root}"
+TELEQNA = DATA + "/teleqna/TeleQnA.json"
+
+
+def get_config():
+  cfg = default_config()
+  cfg.data_root = "../shared/data"
+  cfg.out = "runs/eval/telecom"
+  cfg.perplexity.sets = [
+      # The clauses `python -m jaxtele.data prepare` holds out (2% by clause id), read from the Markdown.
+      {"name": "3gpp_heldout", "sources": [{"type": "3gpp", "path": DATA + "/3gpp", "eval_fraction": 0.02}],
+       "format": "text"},
+      {"name": "wikitext2", "sources": [{"type": "text", "path": DATA + "/wikitext2/wiki.test.raw"}], "format": "text"},
+  ]
+  cfg.perplexity.update(seq_len=1024, batch_size=8, max_batches=8)
+  cfg.mcq.sets = [{"name": "teleqna_standards", "path": TELEQNA, "format": "teleqna", "categories": list(STANDARDS),
+                   "limit": 500, "seed": 0}]
+  cfg.open_qa.sets = [{"name": "teleqna_standards_open", "path": TELEQNA, "format": "teleqna",
+                       "categories": list(STANDARDS), "limit": 200, "seed": 1, "answer_field": "option"}]
+  cfg.generation.update(max_new_tokens=48, temperature=0.0, stop=["\n\n"])
+  # Set the base the evaluated model started from, e.g. --config.forgetting.base=HuggingFaceTB/SmolLM2-135M
+  cfg.forgetting.sets = ["wikitext2"]
+  return cfg

@@ -1,0 +1,78 @@
+"""Progress lines on stderr, and the results written as `results.json` (everything) and `results.md` (tables)."""
+
+import json
+import os
+import sys
+import time
+
+
+class Progress:
+  """`progress(done)` prints 'task: done/total items, rate items/s' at most every `every` seconds, and at the end."""
+
+  def __init__(self, task: str, total: int | None, unit: str = "items", every: float = 2.0, stream=None):
+    self.task, self.total, self.unit, self.every = task, total, unit, every
+    self.stream = stream or sys.stderr
+    self.start = self.last = time.time()
+
+  def __call__(self, done: int):
+    now = time.time()
+    if now - self.last < self.every and done != self.total:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    total = f"/{self.total}" if self.total else ""
+    print(f"{self.task}: {done}{total} {self.unit}, {rate:.1f} {self.unit}/s", file=self.stream, flush=True)
+
+
+def write_jsonl(path: str, records: list):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _ci(acc: dict) -> str:
+  lo, hi = acc["ci95"]
+  return f"{acc['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def markdown(results: dict) -> str:
+  m = results["model"]
+  lines = [f"# Evaluation of `{m['source']}`", "", f"{m['kind']}" + (f", step {m['step']}" if m.get("step") else "")]
+  if results.get("perplexity"):
+    lines += ["", "## Perplexity", "", "| set | ppl | bits/byte | tokens |", "|---|---|---|---|"]
+    for name, r in results["perplexity"].items():
+      bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
+      lines.append(f"| {name} | {r['ppl']:.3f} | {bpb} | {int(r['tokens']):,} |")
+  if results.get("mcq"):
+    lines += ["", "## Multiple choice (accuracy, 95% Wilson interval)", "",
+              "| set | category | items | raw | length-normalised | chance |", "|---|---|---|---|---|---|"]
+    for name, r in results["mcq"].items():
+      lines.append(f"| {name} | all | {r['raw']['items']} | {_ci(r['raw'])} | {_ci(r['norm'])} | {r['chance']:.3f} |")
+      for cat, c in r["per_category"].items():
+        lines.append(f"| {name} | {cat} | {c['raw']['items']} | {_ci(c['raw'])} | {_ci(c['norm'])} | |")
+  if results.get("open_qa"):
+    lines += ["", "## Open questions", "",
+              "| set | template | answer ppl | answer bits/byte | token F1 | exact match |",
+              "|---|---|---|---|---|---|"]
+    for name, r in results["open_qa"].items():
+      ap, gen = r.get("answer_ppl", {}), r.get("generation", {})
+      cells = [f"{ap['ppl']:.3f}" if ap else "-", f"{ap['bpb']:.4f}" if ap else "-",
+               f"{gen['f1']:.3f}" if gen else "-", f"{gen['exact_match']:.3f}" if gen else "-"]
+      lines.append(f"| {name} | `{r['template']!r}` | " + " | ".join(cells) + " |")
+  if results.get("forgetting"):
+    f = results["forgetting"]
+    lines += ["", f"## Forgetting (against `{f['base']}`)", "", "| set | base ppl | tuned ppl | delta | ratio |",
+              "|---|---|---|---|---|"]
+    for name, r in f["sets"].items():
+      lines.append(f"| {name} | {r['base_ppl']:.3f} | {r['tuned_ppl']:.3f} | {r['delta']:+.3f} | {r['ratio']:.3f} |")
+  lines += ["", f"{results['seconds']:.1f} s"]
+  return "\n".join(lines) + "\n"
+
+
+def write(out: str, results: dict):
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, ensure_ascii=False, default=str)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(markdown(results))

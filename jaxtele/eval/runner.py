@@ -1,0 +1,183 @@
+"""`python -m jaxtele.eval`: one model (a run's checkpoint, an HF / jaxtele folder, a GGUF) through the configured
+tasks: perplexity and bits per byte, multiple choice, open questions (answer perplexity, generation + token F1),
+and forgetting against a base model. Results go to `out/results.json`, `out/results.md`, `out/predictions/`."""
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+from flax import nnx
+
+from jaxtele.data import setup as data_setup
+from jaxtele.errors import JaxteleError
+from jaxtele.eval import answers, items as eval_items, mcq, prompts, report, text_sets
+from jaxtele.eval.config import expand_paths, validate
+from jaxtele.eval.generate import Sampling
+from jaxtele.eval.perplexity import evaluate, scored_bytes
+from jaxtele.sharding import Shardings, make_mesh, mesh_shape
+from jaxtele.step import make_eval_step
+
+
+@dataclasses.dataclass
+class Loaded:
+  source: str
+  kind: str  # run | pretrained
+  model: object
+  tokenizer: object
+  graphdef: object
+  params: dict
+  frozen: dict
+  run_cfg: object = None  # a run's config (run directories only)
+  step: int | None = None
+
+
+def is_run_dir(source: str) -> bool:
+  return os.path.isdir(os.path.join(source, "checkpoints"))
+
+
+def load(source: str, step=None, runtime=None) -> Loaded:
+  if is_run_dir(source):
+    from jaxtele.build import load_run
+    from jaxtele.checkpoint import Checkpointer
+
+    if step is None:
+      with Checkpointer(source, keep=1, async_save=False) as ckpt:
+        step = ckpt.latest_step()
+    cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
+    return Loaded(source, "run", nnx.merge(graphdef, params, frozen), tokenizer, graphdef, params, frozen, cfg, step)
+  from jaxtele.convert import load_pretrained
+
+  pre = load_pretrained(source, **(runtime or {}))
+  graphdef, params, frozen = nnx.split(pre.model, nnx.Param, ...)
+  return Loaded(pre.source, "pretrained", pre.model, pre.tokenizer, graphdef, nnx.to_pure_dict(params),
+                nnx.to_pure_dict(frozen))
+
+
+def log(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def perplexity_sets(cfg, m: Loaded, doc_tok) -> dict:
+  """{name: (dataset, batch_size, seq_len, max_batches)}: a run's own eval sets (exactly as its trainer built
+  them), then the configured ones."""
+  out = {}
+  if cfg.perplexity.run_sets and m.run_cfg is not None and m.run_cfg.eval.sets:
+    rc = m.run_cfg
+    for name, ds in data_setup.eval_data(rc, doc_tok).items():
+      out[name] = (ds, rc.eval.batch_size, rc.data.seq_len, rc.eval.max_batches)
+  pc = cfg.perplexity
+  data_cfg = pc.data.copy_and_resolve_references()
+  data_cfg.unlock()
+  data_cfg.seq_len = pc.seq_len
+  for name, ds in text_sets.build_sets(pc.sets, data_cfg, pc.batch_size, doc_tok).items():
+    out[name] = (ds, pc.batch_size, pc.seq_len, pc.max_batches)
+  return out
+
+
+def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: bool) -> dict:
+  eval_step = jax.jit(make_eval_step(m.graphdef))
+  mc = m.model.config
+  rules = Shardings(mesh, mc.num_heads, mc.num_kv_heads)
+  params = jax.device_put(m.params, rules.tree(m.params))
+  frozen = jax.device_put(m.frozen, rules.tree(m.frozen))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  out = {}
+  for name in names:
+    ds, batch, seq_len, max_batches = sets[name]
+    if batch % shards:
+      raise JaxteleError(f"config: perplexity set {name!r}: batch size {batch} is not divisible by the mesh's "
+                         f"batch shards ({shards})")
+    prog = report.Progress(f"perplexity {name}", max_batches or None, "batches")
+    r = evaluate(eval_step, params, frozen, {name: ds}, mesh, max_batches, (batch, seq_len),
+                 byte_count=scored_bytes(tokenizer) if bits_per_byte else None, progress=lambda _, done: prog(done))
+    if r[f"eval/{name}/tokens"] == 0:
+      raise JaxteleError(f"perplexity set {name!r}: an empty evaluation set (no scored tokens)")
+    out[name] = {k.rsplit("/", 1)[1]: v for k, v in r.items()}
+  return out
+
+
+def run(cfg) -> dict:
+  validate(cfg)
+  cfg = cfg.copy_and_resolve_references()
+  for task in ("perplexity", "mcq", "open_qa"):
+    cfg[task].sets = expand_paths(list(cfg[task].sets), cfg.data_root)
+    if task != "perplexity" and cfg[task].limit > 0:
+      cfg[task].sets = [{**s, "limit": cfg[task].limit} for s in cfg[task].sets]
+  t0 = time.time()
+  m = load(cfg.model.source, cfg.model.step, {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype})
+  if m.tokenizer is None:
+    raise JaxteleError(f"{cfg.model.source}: the model has no tokenizer; evaluation needs one")
+  vocab = m.model.config.vocab_size
+  doc_tok = data_setup.doc_tokenizer(m.run_cfg or cfg.perplexity, m.tokenizer, vocab)
+  mesh = make_mesh(cfg.mesh)
+  mesh_shape(cfg.mesh, jax.device_count())
+  results = {"model": {"source": m.source, "kind": m.kind, "step": m.step}, "config": cfg.to_dict()}
+  preds = os.path.join(cfg.out, "predictions")
+
+  sets = perplexity_sets(cfg, m, doc_tok)
+  if sets:
+    log(f"perplexity on {', '.join(sets)}")
+    results["perplexity"] = perplexities(m, sets, list(sets), mesh, m.tokenizer, cfg.perplexity.bits_per_byte)
+
+  for i, spec in enumerate(cfg.mcq.sets):
+    name, where = spec.get("name", f"mcq{i}"), f"mcq.sets[{i}]"
+    prompts.check(cfg.mcq.template, "mcq.template")
+    its = eval_items.load_items(spec, "mcq", where)
+    n_opts = sum(len(it["options"]) for it in its)
+    summary, records = mcq.evaluate(m.model, doc_tok, its, cfg.mcq.template, cfg.mcq.batch_size,
+                                    report.Progress(f"mcq {name}", n_opts, "options"))
+    summary["template"] = cfg.mcq.template
+    results.setdefault("mcq", {})[name] = summary
+    report.write_jsonl(os.path.join(preds, f"mcq_{name}.jsonl"), records)
+
+  if cfg.open_qa.sets:
+    template, origin = prompts.resolve(cfg.open_qa.template, cfg.model.source, m.run_cfg, m.tokenizer,
+                                       "open_qa.template")
+    g = cfg.generation
+    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.seed, (), tuple(g.stop))
+  for i, spec in enumerate(cfg.open_qa.sets):
+    name, where = spec.get("name", f"qa{i}"), f"open_qa.sets[{i}]"
+    its = eval_items.load_items(spec, "qa", where)
+    r = {"template": template, "template_origin": origin, "items": len(its)}
+    if cfg.open_qa.answer_ppl:
+      r["answer_ppl"] = answers.answer_perplexity(m.model, doc_tok, its, template, cfg.open_qa.batch_size,
+                                                  cfg.open_qa.score_end_token,
+                                                  report.Progress(f"answer ppl {name}", len(its)))
+    if cfg.open_qa.generate:
+      r["generation"], records = answers.generated_answers(m.model, doc_tok, its, template, sampling,
+                                                           cfg.open_qa.batch_size,
+                                                           report.Progress(f"generate {name}", len(its)))
+      report.write_jsonl(os.path.join(preds, f"qa_{name}.jsonl"), records)
+    results.setdefault("open_qa", {})[name] = r
+
+  if cfg.forgetting.base:
+    results["forgetting"] = forgetting(cfg, m, sets, results.get("perplexity", {}), mesh)
+  results["seconds"] = time.time() - t0
+  report.write(cfg.out, results)
+  log(f"wrote {os.path.join(cfg.out, 'results.json')} and results.md")
+  return results
+
+
+def forgetting(cfg, m: Loaded, sets: dict, tuned: dict, mesh) -> dict:
+  """Base vs evaluated model on the same general-text batches (the evaluated model's tokenization)."""
+  names = list(cfg.forgetting.sets)
+  missing = [n for n in names if n not in sets]
+  if missing:
+    raise JaxteleError(f"config: forgetting.sets: {missing[0]!r} is not a perplexity set ({', '.join(sets)})")
+  base = load(cfg.forgetting.base, None, {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype})
+  if base.model.config.vocab_size != m.model.config.vocab_size:
+    raise JaxteleError(f"forgetting.base: {cfg.forgetting.base} has vocab {base.model.config.vocab_size}, the "
+                       f"evaluated model {m.model.config.vocab_size}: not comparable token for token")
+  log(f"forgetting: base {cfg.forgetting.base} on {', '.join(names)}")
+  base_ppl = perplexities(base, sets, names, mesh, m.tokenizer, cfg.perplexity.bits_per_byte)
+  out = {}
+  for n in names:
+    b, t = base_ppl[n], tuned[n]
+    out[n] = {"base_ppl": b["ppl"], "tuned_ppl": t["ppl"], "delta": t["ppl"] - b["ppl"], "ratio": t["ppl"] / b["ppl"],
+              "base_loss": b["loss"], "tuned_loss": t["loss"], "tokens": t["tokens"]}
+    if "bpb" in b:
+      out[n] |= {"base_bpb": b["bpb"], "tuned_bpb": t["bpb"]}
+  return {"base": cfg.forgetting.base, "sets": out}
+

@@ -1,0 +1,84 @@
+"""`python -m jaxtele.eval` end to end: on a tiny run directory (its numbers agree with the trainer's own eval) and
+on the SmolLM2 GGUF with a few items; bad input ends in one `error:` line."""
+
+import json
+import os
+
+import pytest
+
+from jaxtele.eval.__main__ import main
+
+CONFIG = '''
+from jaxtele.eval.config import default_config
+
+def get_config():
+  cfg = default_config()
+  cfg.perplexity.update(seq_len=64, batch_size=8, max_batches=2)
+  cfg.perplexity.data.num_packing_bins = 4  # as the tiny recipe packs
+  cfg.perplexity.sets = [{"name": "again", "sources": [{"type": "jsonl", "path": "runs/corpus/eval.jsonl"}]}]
+  cfg.mcq.sets = [{"name": "toy", "path": "mcq.jsonl", "format": "mcq"}]
+  cfg.open_qa.sets = [{"name": "toyqa", "path": "qa.jsonl", "format": "qa"}]
+  cfg.generation.update(max_new_tokens=6)
+  return cfg
+'''
+
+
+def write_inputs(folder):
+  (folder / "eval_cfg.py").write_text(CONFIG)
+  mcq = [{"question": "Which timer?", "options": ["T3511", "T3512", "PCF"], "answer": 0, "category": "timers"},
+         {"question": "Which function sets policy?", "options": ["UPF", "PCF"], "answer": "PCF", "category": "nf"}]
+  (folder / "mcq.jsonl").write_text("\n".join(json.dumps(r) for r in mcq) + "\n")
+  qa = [{"question": "Which function provides policy rules?", "answer": "The PCF"},
+        {"question": "Which timer does the UE start?", "answer": "T3511"}]
+  (folder / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in qa) + "\n")
+
+
+def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
+  from jaxtele.train import run
+
+  trained = run(tiny())
+  write_inputs(workdir)
+  main(["--config", "eval_cfg.py", "--model", str(workdir / "run"), "--out", str(workdir / "ev")])
+  res = json.load(open(workdir / "ev" / "results.json"))
+  assert os.path.getsize(workdir / "ev" / "results.md") > 100
+  assert res["model"]["kind"] == "run" and res["model"]["step"] == 6
+  # The run's own eval set, built as the trainer builds it: the trainer's final numbers, same checkpoint.
+  assert res["perplexity"]["telecom"]["ppl"] == pytest.approx(trained["eval"]["eval/telecom/ppl"], rel=1e-5)
+  assert res["perplexity"]["telecom"]["tokens"] == trained["eval"]["eval/telecom/tokens"]
+  # The same file as a configured set, packed the same way: the same batches.
+  assert res["perplexity"]["again"]["ppl"] == pytest.approx(res["perplexity"]["telecom"]["ppl"], rel=1e-6)
+  assert 0 < res["perplexity"]["telecom"]["bpb"] < 8
+  assert res["mcq"]["toy"]["raw"]["items"] == 2 and set(res["mcq"]["toy"]["per_category"]) == {"timers", "nf"}
+  qa = res["open_qa"]["toyqa"]
+  assert qa["template"] == "alpaca" and "run's config" in qa["template_origin"]  # the template it was trained with
+  assert 0 <= qa["generation"]["f1"] <= 1 and qa["answer_ppl"]["items"] == 2
+  assert len(open(workdir / "ev" / "predictions" / "qa_toyqa.jsonl").readlines()) == 2
+  assert "items/s" in capsys.readouterr().err  # progress lines
+
+
+def test_cli_bad_template_is_one_error_line(tiny, workdir, capsys):
+  write_inputs(workdir)
+  with pytest.raises(SystemExit) as e:
+    main(["--config", "eval_cfg.py", "--model", "x.gguf", "--config.open_qa.template=Answer:"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.count("\n") == 0 and "has no {question} slot" in err
+
+
+@pytest.mark.slow
+def test_cli_on_the_gguf(shared_data, tmp_path, capsys):
+  from jaxtele.convert import smollm2_gguf_path
+
+  gguf = smollm2_gguf_path()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  main(["--config", os.path.join(root, "configs", "eval", "telecom.py"), "--model", gguf, "--out", str(tmp_path),
+        f"--config.data_root={shared_data}", "--config.perplexity.seq_len=128", "--config.perplexity.max_batches=1",
+        "--config.mcq.limit=2", "--config.open_qa.limit=2", "--config.generation.max_new_tokens=8",
+        f"--config.forgetting.base={gguf}"])
+  res = json.load(open(tmp_path / "results.json"))
+  assert set(res["perplexity"]) == {"3gpp_heldout", "wikitext2"}
+  assert 5 < res["perplexity"]["wikitext2"]["ppl"] < 200
+  assert res["mcq"]["teleqna_standards"]["raw"]["items"] == 2
+  assert res["open_qa"]["teleqna_standards_open"]["template"] == "tokenizer"  # GGUF: its own chat template
+  f = res["forgetting"]["sets"]["wikitext2"]
+  assert f["base_ppl"] == pytest.approx(f["tuned_ppl"], rel=1e-6)  # the same model on both sides
+  assert "Forgetting" in (tmp_path / "results.md").read_text()
