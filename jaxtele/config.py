@@ -176,9 +176,9 @@ def check_rules(cfg):
 
 # --- Loading: config_flags parses the recipe and the overrides. ---
 
-def load_config(path: str, overrides=()) -> ml_collections.ConfigDict:
-  """A recipe file (`path`, or `path:arg` for `get_config(arg)`) plus `--config.a.b=value` overrides, checked
-  against `RULES`."""
+def load_config(path: str, overrides=(), check=None) -> ml_collections.ConfigDict:
+  """A recipe file (`path`, or `path:arg` for `get_config(arg)`) plus `--config.a.b=value` overrides, then
+  `check` (default: the training config's `RULES`; other configs, e.g. evaluation's, bring their own)."""
   if not os.path.isfile(path.split(":", 1)[0]):
     raise JaxteleError(f"--config: no such config file {path}")
   base = _parse(path, [])
@@ -188,7 +188,7 @@ def load_config(path: str, overrides=()) -> ml_collections.ConfigDict:
       raise JaxteleError(f"unknown argument {item!r} (usage: --config FILE [--config.key=value ...])")
     _check_key(base, key)
   cfg = _parse(path, list(overrides)) if overrides else base
-  check_rules(cfg)
+  (check or check_rules)(cfg)
   return cfg
 
 

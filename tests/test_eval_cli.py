@@ -19,6 +19,7 @@ def get_config():
   cfg.mcq.sets = [{"name": "toy", "path": "mcq.jsonl", "format": "mcq"}]
   cfg.open_qa.sets = [{"name": "toyqa", "path": "qa.jsonl", "format": "qa"}]
   cfg.generation.update(max_new_tokens=6)
+  cfg.contamination.update(corpus=["runs/corpus/train.jsonl"], n=8)
   return cfg
 '''
 
@@ -27,6 +28,10 @@ def write_inputs(folder):
   (folder / "eval_cfg.py").write_text(CONFIG)
   mcq = [{"question": "Which timer?", "options": ["T3511", "T3512", "PCF"], "answer": 0, "category": "timers"},
          {"question": "Which function sets policy?", "options": ["UPF", "PCF"], "answer": "PCF", "category": "nf"}]
+  # A question copied from a training document, punctuation and case changed: the contamination check flags it.
+  first_doc = json.loads(open(folder / "runs" / "corpus" / "train.jsonl").readline())["text"]
+  copied = " ".join(first_doc.split()[:14]).upper().replace(".", " ;")
+  mcq.append({"question": copied, "options": ["yes", "no"], "answer": 0, "category": "copied"})
   (folder / "mcq.jsonl").write_text("\n".join(json.dumps(r) for r in mcq) + "\n")
   qa = [{"question": "Which function provides policy rules?", "answer": "The PCF"},
         {"question": "Which timer does the UE start?", "answer": "T3511"}]
@@ -48,7 +53,13 @@ def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
   # The same file as a configured set, packed the same way: the same batches.
   assert res["perplexity"]["again"]["ppl"] == pytest.approx(res["perplexity"]["telecom"]["ppl"], rel=1e-6)
   assert 0 < res["perplexity"]["telecom"]["bpb"] < 8
-  assert res["mcq"]["toy"]["raw"]["items"] == 2 and set(res["mcq"]["toy"]["per_category"]) == {"timers", "nf"}
+  assert res["mcq"]["toy"]["raw"]["items"] == 3
+  assert set(res["mcq"]["toy"]["per_category"]) == {"timers", "nf", "copied"}
+  flagged = [json.loads(line)["contaminated"] for line in open(workdir / "ev" / "predictions" / "mcq_toy.jsonl")]
+  assert flagged == [False, False, True]  # only the copy
+  c = res["mcq"]["toy"]["contamination"]["raw"]
+  assert (c["n_all"], c["n_clean"], c["n_flagged"]) == (3, 2, 1)
+  assert "## Contamination" in open(workdir / "ev" / "results.md").read()
   qa = res["open_qa"]["toyqa"]
   assert qa["template"] == "alpaca" and "run's config" in qa["template_origin"]  # the template it was trained with
   assert 0 <= qa["generation"]["f1"] <= 1 and qa["answer_ppl"]["items"] == 2

@@ -32,4 +32,6 @@ def get_config():
   cfg.generation.update(max_new_tokens=48, temperature=0.0, stop=["\n\n"])
   # Set the base the evaluated model started from, e.g. --config.forgetting.base=HuggingFaceTB/SmolLM2-135M
   cfg.forgetting.sets = ["wikitext2"]
+  # Questions whose text (with the answer) overlaps the 3GPP training text: flagged, and scores on clean items.
+  cfg.contamination.corpus = [DATA + "/3gpp"]
   return cfg

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from jaxtele.errors import JaxteleError
 from jaxtele.models.config import ModelConfig
-from jaxtele.models.decoder import Decoder, abstract_model
+from jaxtele.models.decoder import Decoder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -117,12 +117,6 @@ def resolve(source: str) -> str:
     return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.jinja"])
   except Exception as e:  # offline, private, or unknown id
     raise JaxteleError(f"{source}: not a local folder and the hub download failed ({type(e).__name__})") from None
-
-
-def load_hf(source: str, **runtime) -> Decoder:
-  folder = resolve(source)
-  cfg = read_config(folder, **runtime)
-  return load_hf_tensors(abstract_model(cfg), read_safetensors(folder), folder)
 
 
 def save_hf(model: Decoder, folder: str, *, tokenizer=None, tokenizer_dir=None, dtype=None,

@@ -33,7 +33,7 @@ def main(argv=None):
     i += 1
   if not config_path:
     raise JaxteleError(f"--config: required ({USAGE})")
-  cfg = load_config(config_path, overrides)
+  cfg = load_config(config_path, overrides, check=lambda cfg: None)  # the runner validates, once --model is in
   if model is not None:
     cfg.model.source = model
   if out is not None:

@@ -4,7 +4,7 @@ was trained with) and generated answers scored by token F1 / exact match."""
 import numpy as np
 
 from jaxtele.eval import prompts, qa_metrics
-from jaxtele.eval.generate import Sampling, generate
+from jaxtele.eval.generate import Sampling, decode_until_stop, generate
 from jaxtele.eval.score import sequence_nll
 
 
@@ -40,12 +40,7 @@ def generated_answers(model, doc_tok, items, template: str, sampling: Sampling, 
   sampling = Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed, stop_ids,
                       sampling.stop_strings)
   outs = generate(model, ids, sampling, tokenizer=tok, batch_size=batch_size, progress=progress)
-  texts = []
-  for o in outs:
-    text = tok.decode(o, skip_special_tokens=True)
-    for s in sampling.stop_strings:
-      text = text.split(s, 1)[0]
-    texts.append(text.strip())
+  texts = [decode_until_stop(tok, o, sampling.stop_strings).strip() for o in outs]
   scores = qa_metrics.score(texts, [it["references"] for it in items])
   records = [{"id": it["id"], "category": it["category"], "prediction": t, "references": it["references"],
               "f1": f, "em": e} for it, t, f, e in zip(items, texts, scores["per_item_f1"], scores["per_item_em"],

@@ -22,18 +22,21 @@ def default_config() -> ml_collections.ConfigDict:
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # perplexity sets are sharded like the trainer's
       # Packed text, as `eval.sets` in a training config: [{name, sources: [...], format}]. A `3gpp` source
       # ({type: 3gpp, path, eval_fraction}) reads held-out clauses straight from the Markdown specs.
-      "perplexity": {"sets": [], "run_sets": True,  # run_sets: a run's own eval.sets, with its data settings
+      "perplexity": {"sets": (), "run_sets": True,  # run_sets: a run's own eval.sets, with its data settings
                      "seq_len": 1024, "batch_size": 8, "max_batches": 8, "bits_per_byte": True,
                      "data": data_defaults()},
       # [{name, path, format: teleqna|mcq, categories: [...], limit, seed}]
       # limit > 0 caps every set's items (a quick run); a set's own `limit` applies otherwise
-      "mcq": {"sets": [], "template": MCQ_TEMPLATE, "batch_size": 8, "limit": 0},
+      "mcq": {"sets": (), "template": MCQ_TEMPLATE, "batch_size": 8, "limit": 0},
       # [{name, path, format: teleqna|qa, categories, limit, seed, answer_field: option|explanation|...}]
-      "open_qa": {"sets": [], "template": "",  # empty: the template the model was trained with
+      "open_qa": {"sets": (), "template": "",  # empty: the template the model was trained with
                   "answer_ppl": True, "score_end_token": True, "generate": True, "batch_size": 8, "limit": 0},
-      "generation": {"max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": []},
+      "generation": {"max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": ()},
       # General-text perplexity of `base` against the evaluated model on the named perplexity sets.
-      "forgetting": {"base": "", "sets": []},
+      "forgetting": {"base": "", "sets": ()},
+      # n-gram overlap of every MCQ / open-QA item (question + answer) with the training corpus (files or
+      # folders); flagged items are reported, and metrics given on all items and on the clean ones.
+      "contamination": {"corpus": (), "n": 13, "threshold": 0.5, "cache": ""},  # cache: "" = out/ngram_index.npz
   })
   cfg.lock()
   return cfg
@@ -72,5 +75,8 @@ def validate(cfg):
   prompts.check(cfg.mcq.template, "mcq.template")
   if cfg.open_qa.template:
     prompts.check(cfg.open_qa.template, "open_qa.template")
+  c = cfg.contamination
+  if c.corpus and (c.n < 1 or not 0 < c.threshold <= 1):
+    raise JaxteleError(f"config: contamination: n must be >= 1 and threshold in (0, 1], got {c.n}, {c.threshold}")
   if not cfg.model.source:
     raise JaxteleError("config: model.source: no model to evaluate (pass --model SOURCE)")

@@ -134,13 +134,15 @@ def generate_text(model: Decoder, tokenizer, prompts: list[str], sampling: Sampl
   string and lose their special tokens."""
   ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
   outs = generate(model, ids, sampling, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
-  texts = []
-  for o in outs:
-    text = tokenizer.decode(o, skip_special_tokens=True)
-    for s in sampling.stop_strings:
-      text = text.split(s, 1)[0]
-    texts.append(text)
-  return texts
+  return [decode_until_stop(tokenizer, o, sampling.stop_strings) for o in outs]
+
+
+def decode_until_stop(tokenizer, ids, stop_strings=()) -> str:
+  """Generated ids -> text without special tokens, cut at the first stop string."""
+  text = tokenizer.decode(ids, skip_special_tokens=True)
+  for s in stop_strings:
+    text = text.split(s, 1)[0]
+  return text
 
 
 def greedy(model: Decoder, prompt_ids, max_new_tokens: int, stop_ids=()) -> list[int]:

@@ -51,6 +51,15 @@ def markdown(results: dict) -> str:
       lines.append(f"| {name} | all | {r['raw']['items']} | {_ci(r['raw'])} | {_ci(r['norm'])} | {r['chance']:.3f} |")
       for cat, c in r["per_category"].items():
         lines.append(f"| {name} | {cat} | {c['raw']['items']} | {_ci(c['raw'])} | {_ci(c['norm'])} | |")
+  if results.get("contamination"):
+    c = results["contamination"]
+    lines += ["", f"## Contamination ({c['n']}-gram overlap >= {c['threshold']} with {', '.join(c['corpus'])})", "",
+              "| set | metric | flagged items | all items | clean items |", "|---|---|---|---|---|"]
+    for task in ("mcq", "open_qa"):
+      for name, r in results.get(task, {}).items():
+        for metric, s in r.get("contamination", {}).items():
+          lines.append(f"| {name} | {metric} | {s['n_flagged']} | {s['all']:.3f} ({s['n_all']}) | "
+                       f"{s['clean']:.3f} ({s['n_clean']}) |")
   if results.get("open_qa"):
     lines += ["", "## Open questions", "",
               "| set | template | answer ppl | answer bits/byte | token F1 | exact match |",

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxtele.data import setup as data_setup
 from jaxtele.errors import JaxteleError
-from jaxtele.eval import answers, items as eval_items, mcq, prompts, report, text_sets
+from jaxtele.eval import answers, contamination, items as eval_items, mcq, prompts, report, text_sets
 from jaxtele.eval.config import expand_paths, validate
 from jaxtele.eval.generate import Sampling
 from jaxtele.eval.perplexity import evaluate, scored_bytes
@@ -121,6 +121,17 @@ def run(cfg) -> dict:
     log(f"perplexity on {', '.join(sets)}")
     results["perplexity"] = perplexities(m, sets, list(sets), mesh, m.tokenizer, cfg.perplexity.bits_per_byte)
 
+  index = None
+  if cfg.contamination.corpus:
+    corpus = expand_paths(list(cfg.contamination.corpus), cfg.data_root)
+    cache = cfg.contamination.cache or os.path.join(cfg.out, "ngram_index.npz")
+    index = contamination.cached_index(corpus, cache, cfg.contamination.n, log=log)
+    results["contamination"] = {"corpus": corpus, "n": cfg.contamination.n,
+                                "threshold": cfg.contamination.threshold}
+
+  def flags(its, texts):
+    return contamination.flag_items(index, texts, cfg.contamination.threshold) if index else [False] * len(its)
+
   for i, spec in enumerate(cfg.mcq.sets):
     name, where = spec.get("name", f"mcq{i}"), f"mcq.sets[{i}]"
     prompts.check(cfg.mcq.template, "mcq.template")
@@ -129,6 +140,13 @@ def run(cfg) -> dict:
     summary, records = mcq.evaluate(m.model, doc_tok, its, cfg.mcq.template, cfg.mcq.batch_size,
                                     report.Progress(f"mcq {name}", n_opts, "options"))
     summary["template"] = cfg.mcq.template
+    if index:
+      flagged = flags(its, [it["question"] + " " + it["options"][it["answer"]] for it in its])
+      for r, f in zip(records, flagged, strict=True):
+        r["contaminated"] = f
+      summary["contamination"] = {
+          "raw": contamination.split_metrics([r["pred"] == r["answer"] for r in records], flagged),
+          "norm": contamination.split_metrics([r["pred_norm"] == r["answer"] for r in records], flagged)}
     results.setdefault("mcq", {})[name] = summary
     report.write_jsonl(os.path.join(preds, f"mcq_{name}.jsonl"), records)
 
@@ -149,6 +167,11 @@ def run(cfg) -> dict:
       r["generation"], records = answers.generated_answers(m.model, doc_tok, its, template, sampling,
                                                            cfg.open_qa.batch_size,
                                                            report.Progress(f"generate {name}", len(its)))
+      if index:
+        flagged = flags(its, [it["question"] + " " + it["references"][0] for it in its])
+        for rec, f in zip(records, flagged, strict=True):
+          rec["contaminated"] = f
+        r["contamination"] = {"f1": contamination.split_metrics([x["f1"] for x in records], flagged)}
       report.write_jsonl(os.path.join(preds, f"qa_{name}.jsonl"), records)
     results.setdefault("open_qa", {})[name] = r
 
