@@ -58,24 +58,27 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--remat", default="none", help="model remat policy name (none, full, dots_saveable, ...)")
+  p.add_argument("--remat", default="none", help="comma-separated remat policies (none, full, dots_saveable, ...)")
   p.add_argument("--attention", default="xla,pallas", help="comma-separated implementations")
   p.add_argument("--loss", default="plain,chunked", help="comma-separated: plain, chunked")
   p.add_argument("--chunk", type=int, default=1024, help="tokens per tile of the chunked loss")
   args = p.parse_args(argv)
   mib = lambda n: f"{n / 2**20:10.1f}"
   print(f"SmolLM2-135M shape, full FT, batch {args.batch} x seq {args.seq}, {args.dtype} compute, "
-        f"remat={args.remat}, backend={jax.default_backend()}")
-  print(f"{'attention':<10} {'loss':<14} {'temp MiB':>10} {'args MiB':>10} {'out MiB':>10} {'compile s':>10}")
-  for attention in args.attention.split(","):
-    for loss in args.loss.split(","):
-      label = f"{loss}({args.chunk})" if loss == "chunked" else loss
-      try:
-        r = measure(attention, loss, args.chunk, args.batch, args.seq, args.dtype, args.remat)
-      except Exception as e:  # a row that does not lower says why and the table goes on
-        print(f"{attention:<10} {label:<14} does not lower here: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-        continue
-      print(f"{attention:<10} {label:<14} {mib(r['temp'])} {mib(r['args'])} {mib(r['out'])} {r['compile_s']:10.1f}")
+        f"backend={jax.default_backend()}")
+  print(f"{'remat':<33} {'attention':<10} {'loss':<14} {'temp MiB':>10} {'args MiB':>10} {'out MiB':>10} "
+        f"{'compile s':>10}")
+  for remat in args.remat.split(","):
+    for attention in args.attention.split(","):
+      for loss in args.loss.split(","):
+        label = f"{loss}({args.chunk})" if loss == "chunked" else loss
+        row = f"{remat:<33} {attention:<10} {label:<14}"
+        try:
+          r = measure(attention, loss, args.chunk, args.batch, args.seq, args.dtype, remat)
+        except Exception as e:  # a row that does not lower says why and the table goes on
+          print(f"{row} does not lower here: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
+          continue
+        print(f"{row} {mib(r['temp'])} {mib(r['args'])} {mib(r['out'])} {r['compile_s']:10.1f}", flush=True)
 
 
 if __name__ == "__main__":
