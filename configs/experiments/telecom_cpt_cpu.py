@@ -34,11 +34,11 @@ def get_config(arm: str = "full"):
       {"name": "3gpp_heldout", "sources": [{"type": "tfds", "path": TELECOM, "split": "eval"}], "format": "tokens"},
       {"name": "wikitext2", "sources": [{"type": "text", "path": WIKITEXT}], "format": "text"},
   ]
-  cfg.eval.update(at_start=True, every=20, max_batches=6, batch_size=8)
-  cfg.train.update(mode=arm, steps=60, log_every=1)
+  cfg.eval.update(at_start=True, every=10, max_batches=6, batch_size=8)
+  cfg.train.update(mode=arm, steps=30, log_every=1)
   cfg.optimizer.update(lr=1e-4 if arm == "full" else 1e-3, schedule="cosine", warmup_ratio=0.05,
                        final_lr_ratio=0.1, weight_decay=0.0, clip=1.0)
   cfg.lora.update(rank=64, alpha=128.0, targets="all-linear")
-  cfg.checkpoint.update(every=20, keep=2)
+  cfg.checkpoint.update(every=10, keep=2)
   cfg.export.update(hf=arm == "full", adapter=arm == "lora", merged=arm == "lora")
   return cfg
