@@ -49,7 +49,7 @@ class ModelConfig:
   embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
   sandwich_norms: bool = False  # Gemma 2/3: norms after attention and MLP outputs, and before the MLP
   qk_norm: bool = False  # Qwen3 / Gemma 3: RMSNorm over each head's q and k before RoPE
-  query_pre_attn_scalar: float | None = None  # scores scale by its -1/2 power (None: head_dim)
+  query_pre_attn_scalar: int | float | None = None  # scores scale by its -1/2 power (None: head_dim)
   attn_softcap: float | None = None  # scores -> tanh(scores / cap) * cap before masking
   final_softcap: float | None = None  # the same on the output logits
   # Per layer "sliding_attention" / "full_attention"; () means every layer alike (sliding iff sliding_window).
@@ -135,7 +135,7 @@ class ModelConfig:
         embed_scale=gemma,
         sandwich_norms=sandwich,
         qk_norm=mt in ("qwen3", "gemma3_text"),
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if sandwich else None,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if sandwich else None,
         # transformers' Gemma 3 attention never applies attn_logit_softcapping (llama.cpp asserts it is unset).
         attn_softcap=_opt_float(hf.get("attn_logit_softcapping")) if mt == "gemma2" else None,
         final_softcap=_opt_float(hf.get("final_logit_softcapping")) if sandwich else None,
@@ -179,7 +179,8 @@ class ModelConfig:
     if mt in ("qwen3", "gemma", "gemma2", "gemma3_text"):
       hf["attention_bias"] = self.qkv_bias
     if mt in ("gemma2", "gemma3_text"):
-      hf.update(hidden_activation=self.hidden_act, query_pre_attn_scalar=self.query_pre_attn_scalar,
+      hf["hidden_activation"] = hf.pop("hidden_act")
+      hf.update( query_pre_attn_scalar=self.query_pre_attn_scalar,
                 attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
                 sliding_window=self.sliding_window, layer_types=list(self.layer_types))
     if mt == "gemma3_text":
