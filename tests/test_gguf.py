@@ -91,8 +91,11 @@ def test_f16_export_is_close_to_the_source_in_transformers(exported, hf_logits):
     pytest.skip(f"transformers cannot load GGUF architecture {arch}")
   want = hf_logits(ref, TOKENS)
   diff = np.abs(hf_logits(transformers_gguf(folder, "f16.gguf"), TOKENS) - want).max()
-  # Gemma's sqrt(D)-scaled embeddings and (1 + w) norms amplify f16 rounding: bound relative to the logits.
-  assert diff <= 1e-3 * max(1.0, np.abs(want).max() if arch.startswith("gemma") else 1.0), diff
+  # Llama/Qwen: 1e-3 absolute (measured 8e-4 to 9.4e-4). Gemma's sqrt(D)-scaled tied embedding (also the head) and
+  # head_dim-256 q/k norms amplify f16 weight rounding: measured 1.3e-3 (gemma2) and 3.1e-3 (gemma3) of the largest
+  # logit, bounded at 5e-3 of it; that the file holds the right weights is checked to 1e-4 in the test above.
+  bound = 5e-3 * np.abs(want).max() if arch.startswith("gemma") else 1e-3
+  assert diff <= bound, diff
 
 
 def test_bpe_tokenizer_and_chat_template_survive(exported, bpe_tokenizer):
