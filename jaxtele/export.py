@@ -4,6 +4,7 @@
   python -m jaxtele.export --source HuggingFaceTB/SmolLM2-135M --out exported/smol --format jaxtele
   python -m jaxtele.export --source runs/my_lora_run --out exported/adapter --format adapter [--step 200]
   python -m jaxtele.export --source peft_adapter/ --base HuggingFaceTB/SmolLM2-135M --out merged --format hf
+  python -m jaxtele.export --source runs/my_lora_run --out exported/gguf --format gguf --quant q8_0
 
 Sources: an HF folder, an HF hub id (online), a `.gguf` file, a jaxtele folder, a run directory
 (its latest checkpoint, or `--step`), or a PEFT adapter folder with `--base` (default: the adapter's
@@ -11,6 +12,8 @@ Sources: an HF folder, an HF hub id (online), a `.gguf` file, a jaxtele folder, 
   hf       a folder `transformers` loads (a LoRA run is merged first; an NF4 base needs --dequantize)
   adapter  a PEFT adapter (LoRA runs), with `base/` beside it when the run's base is not an HF folder
   jaxtele  config.json + an Orbax checkpoint of the parameters, loadable as a model source
+  gguf     a folder holding `model.gguf` (llama.cpp layout, tokenizer and chat template in the metadata;
+           LoRA merged first), matrices in --quant f16 | bf16 | q8_0 | f32
 The output is written to a temporary sibling and renamed into place at the end, so a failed export
 never leaves a half-written folder, and an existing output is replaced only with `--overwrite`.
 """
@@ -24,7 +27,8 @@ import tempfile
 
 from jaxtele.errors import JaxteleError, cli
 
-FORMATS = ("hf", "adapter", "jaxtele")
+FORMATS = ("hf", "adapter", "jaxtele", "gguf")
+GGUF_FILE = "model.gguf"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -47,7 +51,8 @@ def atomic_output_dir(out: str, overwrite: bool):
   os.rename(tmp, out)
 
 
-def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None, base="", dequantize=False):
+def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None, base="", dequantize=False,
+          quant="f16"):
   """One format into `folder`. `lora` ({"rslora": ...}) describes adapters; hf and jaxtele merge them into the
   kernels first (in place), which a quantized (NF4) base allows only with `dequantize`."""
   from jaxtele.convert import hf, native, peft
@@ -63,6 +68,10 @@ def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None
     hf.save_hf(model, folder, tokenizer=tokenizer, dtype=dtype)
   elif fmt == "jaxtele":
     native.save_native(model, folder, tokenizer)
+  elif fmt == "gguf":
+    from jaxtele.convert.gguf_export import save_gguf
+
+    save_gguf(model, os.path.join(folder, GGUF_FILE), tokenizer=tokenizer, quant=quant)
   else:
     raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
@@ -130,7 +139,7 @@ def load_adapter_source(source: str, base: str | None):
 
 
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
-           step: int | None = None, base: str | None = None, dequantize: bool = False):
+           step: int | None = None, base: str | None = None, dequantize: bool = False, quant: str = "f16"):
   from flax import nnx
 
   from jaxtele.convert import load_pretrained
@@ -139,6 +148,11 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
     raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
   if dtype not in (None, *DTYPES):
     raise JaxteleError(f"--dtype: unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+  if fmt == "gguf":
+    from jaxtele.convert.gguf_export import QUANTS
+
+    if quant not in QUANTS:
+      raise JaxteleError(f"--quant: cannot write {quant!r} (choose from {', '.join(QUANTS)})")
   lora, adapter_on = None, ""
   if os.path.isfile(os.path.join(source, "adapter_config.json")):
     model, tokenizer, lora, adapter_on = load_adapter_source(source, base)
@@ -158,7 +172,8 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
     pre = load_pretrained(source)
     model, tokenizer = pre.model, pre.tokenizer
   with atomic_output_dir(out, overwrite) as tmp:
-    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=adapter_on, dequantize=dequantize)
+    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=adapter_on, dequantize=dequantize,
+          quant=quant)
   print(f"exported {source} -> {out} ({fmt}{', base ' + adapter_on if adapter_on else ''})")
 
 
@@ -174,8 +189,10 @@ def main(argv=None):
   p.add_argument("--step", type=int, default=None, help="run directories: the checkpoint step (default: latest)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--dequantize", action="store_true", help="allow merging adapters into an NF4 base (as floats)")
+  p.add_argument("--quant", default="f16", help="--format gguf: f16 | bf16 | q8_0 | f32 (default f16)")
   args = p.parse_args(argv)
-  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step, args.base, args.dequantize)
+  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step, args.base, args.dequantize,
+         args.quant)
 
 
 if __name__ == "__main__":

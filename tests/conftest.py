@@ -58,6 +58,17 @@ HF_FAMILIES = {
     "mistral_window": ("mistral", dict(sliding_window=8, tie_word_embeddings=False)),
     "gqa_kv1": ("llama", dict(num_key_value_heads=1)),
     "gqa_kv4": ("llama", dict(num_key_value_heads=4)),
+    # New families: small soft-caps, a window shorter than the test rows and a query_pre_attn_scalar that is
+    # not head_dim, so each switch changes the numbers.
+    "qwen3": ("qwen3", dict(head_dim=16, tie_word_embeddings=False)),
+    "gemma": ("gemma", dict(head_dim=16, num_key_value_heads=1)),
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                              final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                   final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"full_attention": dict(rope_type="default", rope_theta=50000.0),
+                                                    "sliding_attention": dict(rope_type="default",
+                                                                              rope_theta=500.0)})),
 }
 
 
@@ -68,13 +79,15 @@ def make_hf_model():
   import transformers
 
   classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-             "mistral": transformers.MistralConfig}
+             "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
+             "gemma": transformers.GemmaConfig, "gemma2": transformers.Gemma2Config,
+             "gemma3_text": transformers.Gemma3TextConfig}
 
   def make(name: str, seed: int = 0, **overrides):
     family, extra = HF_FAMILIES[name]
     cfg = classes[family](**(HF_BASE | extra | overrides))
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():  # Randomise everything, norms and zero-initialised biases included.
       for pname, p in model.named_parameters():
         p.normal_(1.0 if "norm" in pname else 0.0, 0.1 if "norm" in pname else 0.05)

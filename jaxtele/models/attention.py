@@ -5,6 +5,8 @@ Every attention call in the project goes through `attention()`, which dispatches
 (Triton flash attention on GPU, splash on TPU, either interpreted on CPU) or `auto` (the fastest one that
 honours the contract on this backend; `resolve_attention` says which). The contract: causal, within one
 segment, never onto padding (segment 0); outputs at padding positions are unspecified but finite.
+Soft-capping (Gemma 2: scores -> tanh(scores / cap) * cap before masking) only `xla` implements; the fused
+kernels refuse it, and `auto` picks `xla` for it.
 Legend: B batch, T query length, S key length, N query heads, K kv heads, G groups N//K, H head dim.
 """
 
@@ -63,7 +65,8 @@ def attention_mask(segment_ids_BT, sliding_window=None):
   return mask_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
 
 
-def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, backend: str | None = None) -> str:
+def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, backend: str | None = None,
+                      softcap=None) -> str:
   """The implementation that runs for `impl` on this backend ("xla", "cudnn" or "pallas"), for logs.
 
   Explicit requests the backend cannot honour are refused in one line rather than silently replaced.
@@ -73,7 +76,12 @@ def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, back
   backend = backend or jax.default_backend()
   cudnn_ok = (jnp.dtype(dtype).name in cudnn.DTYPES and head_dim % 8 == 0
               and head_dim <= (cudnn.max_head_dim() if backend == "gpu" else 128))
+  if softcap and impl in ("cudnn", "pallas"):
+    raise JaxteleError(f"model.attention={impl}: the kernel has no attention-logit soft-capping "
+                       f"(softcap={softcap}); use xla or auto")
   if impl == "auto":
+    if softcap:
+      return "xla"
     if backend == "gpu":
       return "cudnn" if cudnn_ok else ("xla" if sliding_window else "pallas")
     return "pallas" if backend == "tpu" else "xla"
@@ -95,27 +103,29 @@ def pallas_kernel(backend: str, sliding_window=None) -> str:
   return "triton"
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, impl="xla"):
+def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, impl="xla", softcap=None):
   """Grouped-query attention: N query heads share K kv heads in groups of G = N // K."""
   H = q_BTNH.shape[-1]
   backend = jax.default_backend()
-  impl = resolve_attention(impl, q_BTNH.dtype, H, sliding_window, backend)
+  impl = resolve_attention(impl, q_BTNH.dtype, H, sliding_window, backend, softcap)
   if impl == "cudnn":
     return cudnn.cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window)
   if impl == "pallas":
     return pallas.pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window,
                                    kernel=pallas_kernel(backend, sliding_window),
                                    interpret=backend not in ("gpu", "tpu"))
-  return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window)
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window, softcap=softcap)
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None):
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, softcap=None):
   """The reference: dense fp32 scores with the contract's mask."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS / np.sqrt(H).astype(np.float32)
+  if softcap:
+    scores_BKGTS = jnp.tanh(scores_BKGTS / np.float32(softcap)) * np.float32(softcap)
   mask_B11TS = attention_mask(segment_ids_BT, sliding_window)[:, None, None]
   # A large finite negative (not -inf) keeps fully masked padding rows finite instead of NaN.
   scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)

@@ -1,9 +1,15 @@
-"""One decoder for the Llama family (llama, qwen2, mistral): GQA, RMSNorm, SwiGLU, RoPE.
+"""One decoder for llama, qwen2, mistral, qwen3, gemma, gemma2 and gemma3: GQA, RMSNorm, gated MLP, RoPE.
 
-Family differences are configuration (biases, sliding window, RoPE scaling, tied head), not code.
-Module names follow Hugging Face: `embed_tokens`, `layers.{i}.self_attn.q_proj`, `mlp.gate_proj`,
-`input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`.
+Family differences are configuration (models/config.py), not code: biases, tied head, RoPE scaling, per-layer
+sliding window and RoPE base, activation (SwiGLU / GeGLU), Gemma's (1 + w) norms and sqrt(D) embedding scale,
+sandwich norms, q/k norms, the attention scale and soft-capping of attention and output logits.
+Module names follow Hugging Face: `embed_tokens`, `layers.{i}.self_attn.q_proj`, `self_attn.q_norm`,
+`mlp.gate_proj`, `input_layernorm`, `post_attention_layernorm`, `pre_feedforward_layernorm`,
+`post_feedforward_layernorm`, `norm`, `lm_head`.
+Legend: B batch, T length, D model dim, N query heads, K kv heads, H head dim, V vocab.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,28 +44,56 @@ def remat(layer_call, policy: str):
   return nnx.remat(layer_call, policy=policies[policy])
 
 
+def norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+  return RMSNorm(dim or cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype, offset=cfg.norm_offset)
+
+
+def softcap(x, cap):
+  """tanh(x / cap) * cap (Gemma 2's soft-capping); identity without a cap."""
+  return x if not cap else jnp.tanh(x / cap) * cap
+
+
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs):
+  def __init__(self, cfg: ModelConfig, rngs, layer: int = 0):
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.q_proj = Linear(D, N * H, use_bias=cfg.qkv_bias, **kw)
     self.k_proj = Linear(D, K * H, use_bias=cfg.qkv_bias, **kw)
     self.v_proj = Linear(D, K * H, use_bias=cfg.qkv_bias, **kw)
     self.o_proj = Linear(N * H, D, use_bias=cfg.o_bias, **kw)
+    self.q_norm = nnx.data(norm(cfg, H) if cfg.qk_norm else None)
+    self.k_norm = nnx.data(norm(cfg, H) if cfg.qk_norm else None)
     self.shape = (N, K, H)
-    self.sliding_window = cfg.sliding_window
+    self.sliding_window = cfg.layer_window(layer)
     self.impl = cfg.attention
-    self.inv_freq = rope_inv_freq(cfg).tolist()  # static: a list, not an array leaf
+    self.softcap = cfg.attn_softcap
+    # The kernels divide scores by sqrt(H); a different scale (query_pre_attn_scalar) is folded into q.
+    scalar = cfg.query_pre_attn_scalar
+    self.q_scale = math.sqrt(H / scalar) if scalar and scalar != H else None
+    self.inv_freq = rope_inv_freq(cfg.layer_rope(layer)).tolist()  # static: a list, not an array leaf
+
+  def qkv(self, x_BTD, positions_BT):
+    """Projected, normed, rotated (and for q, rescaled) q [B, T, N, H], k, v [B, T, K, H]."""
+    N, K, H = self.shape
+    B, T, _ = x_BTD.shape
+    inv_freq = np.asarray(self.inv_freq, np.float32)
+    q_BTNH = self.q_proj(x_BTD).reshape(B, T, N, H)
+    k_BTKH = self.k_proj(x_BTD).reshape(B, T, K, H)
+    if self.q_norm is not None:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    if self.q_scale is not None:
+      q_BTNH = (q_BTNH.astype(jnp.float32) * np.float32(self.q_scale)).astype(q_BTNH.dtype)
+    v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+    return q_BTNH, k_BTKH, v_BTKH
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
     N, K, H = self.shape
     B, T, _ = x_BTD.shape
-    inv_freq = np.asarray(self.inv_freq, np.float32)
-    q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), positions_BT, inv_freq)
-    k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), positions_BT, inv_freq)
-    v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+    q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
     out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, sliding_window=self.sliding_window,
-                         impl=self.impl)
+                         impl=self.impl, softcap=self.softcap)
     return self.o_proj(out_BTNH.reshape(B, T, N * H))
 
   def cached(self, x_BTD, positions_BT, layer_cache, k_pos_BS, index):
@@ -78,6 +112,9 @@ class Attention(nnx.Module):
     return self.o_proj(out_BTNH.reshape(B, T, N * H)), {"k": k_BSKH, "v": v_BSKH}
 
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs):
     D, F = cfg.hidden_size, cfg.intermediate_size
@@ -85,21 +122,32 @@ class MLP(nnx.Module):
     self.gate_proj = Linear(D, F, **kw)
     self.up_proj = Linear(D, F, **kw)
     self.down_proj = Linear(F, D, **kw)
+    self.act = cfg.hidden_act
 
   def __call__(self, x_BTD):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+    return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs):
-    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-    self.self_attn = Attention(cfg, rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+  """Pre-norm residual block. With sandwich norms (Gemma 2/3) `post_attention_layernorm` normalises the attention
+  output and `pre_`/`post_feedforward_layernorm` wrap the MLP; otherwise `post_attention_layernorm` is the
+  MLP's input norm (Llama)."""
+
+  def __init__(self, cfg: ModelConfig, rngs, layer: int = 0):
+    self.input_layernorm = norm(cfg)
+    self.self_attn = Attention(cfg, rngs, layer)
+    self.post_attention_layernorm = norm(cfg)
+    self.pre_feedforward_layernorm = nnx.data(norm(cfg) if cfg.sandwich_norms else None)
+    self.post_feedforward_layernorm = nnx.data(norm(cfg) if cfg.sandwich_norms else None)
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-    x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT)
-    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    attn_BTD = self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT)
+    if self.pre_feedforward_layernorm is None:
+      x_BTD = x_BTD + attn_BTD
+      return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    x_BTD = x_BTD + self.post_attention_layernorm(attn_BTD)
+    return x_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
 
   def cached(self, x_BTD, positions_BT, layer_cache, k_pos_BS, index):
     attn_BTD, layer_cache = self.self_attn.cached(self.input_layernorm(x_BTD), positions_BT, layer_cache, k_pos_BS,
@@ -113,9 +161,10 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.config = cfg
-    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              rngs=rngs, scale=math.sqrt(cfg.hidden_size) if cfg.embed_scale else None)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs, i) for i in range(cfg.num_layers)])
+    self.norm = norm(cfg)
     self.lm_head = nnx.data(None if cfg.tie_word_embeddings else Linear(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs))
 
@@ -127,17 +176,22 @@ class Decoder(nnx.Module):
     return self.norm(x_BTD)
 
   def output_matrix(self):
-    """The effective output matrix [D, V] in compute dtype: tied embedding, lm_head, or lm_head with LoRA."""
+    """The effective output matrix [D, V] in compute dtype: tied embedding, lm_head, or lm_head with its active
+    adapter merged. Logits are h @ it only without final soft-capping, which the chunked loss does not apply."""
+    if self.config.final_softcap:
+      raise JaxteleError(f"train.loss=chunked: {self.config.model_type} soft-caps its final logits "
+                         f"(final_logit_softcapping={self.config.final_softcap}); use train.loss=plain")
     if self.lm_head is None:
       return self.embed_tokens.embedding[...].astype(self.config.dtype).T
     head = self.lm_head
-    w_DV = head.kernel[...].astype(head.dtype)
-    if head.lora_a is not None:
-      w_DV = w_DV + head.lora_scale * (head.lora_a[...].astype(head.dtype) @ head.lora_b[...].astype(head.dtype))
-    return w_DV
+    adapter = head.adapters.get(head.active) if head.active is not None else None
+    if adapter is None or adapter.merged:
+      return head.base_kernel(head.dtype)
+    return adapter.merged_kernel(head.base_kernel(jnp.float32)).astype(head.dtype)
 
   def logits(self, x_BTD):
-    return self.embed_tokens.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
+    logits_BTV = self.embed_tokens.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
+    return softcap(logits_BTV, self.config.final_softcap)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     if positions_BT is None:

@@ -48,24 +48,34 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim, *, eps, param_dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+  """x / rms(x) * (offset + scale). Llama-style (offset 0) multiplies in the input dtype as HF does; Gemma-style
+  (offset 1, scale initialised to 0) multiplies in fp32 and casts last, as HF's GemmaRMSNorm does."""
+
+  def __init__(self, dim, *, eps, param_dtype, offset: float = 0.0):
+    self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((dim,), param_dtype))
     self.eps = eps
+    self.offset = offset
 
   def __call__(self, x_BTD):
     # Normalise in fp32 whatever the compute dtype, as HF does.
     x32 = x_BTD.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (x32 * (self.offset + self.scale[...].astype(jnp.float32))).astype(x_BTD.dtype)
     return self.scale[...].astype(x_BTD.dtype) * x32.astype(x_BTD.dtype)
 
 
 class Embed(nnx.Module):
-  def __init__(self, vocab, dim, *, dtype, param_dtype, rngs):
+  """Token embedding; `scale` (Gemma: sqrt(D)) multiplies the looked-up rows in the compute dtype, as HF does."""
+
+  def __init__(self, vocab, dim, *, dtype, param_dtype, rngs, scale: float | None = None):
     self.embedding = nnx.Param(normal_init(rngs.params(), (vocab, dim), param_dtype))
     self.dtype = dtype
+    self.scale = scale
 
   def __call__(self, tokens_BT):
-    return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+    x_BTD = jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+    return x_BTD if self.scale is None else x_BTD * jnp.float32(self.scale).astype(self.dtype)
 
   def attend(self, x_BTD):
     """Logits through the tied embedding."""
