@@ -21,6 +21,7 @@ from jaxtele.data.sft import TEMPLATES
 from jaxtele.errors import JaxteleError
 from jaxtele.models.attention import ATTENTION_IMPLS
 from jaxtele.models.config import FAMILIES, REMAT_POLICIES, ModelConfig
+from jaxtele.models.decoder import ACTIVATIONS
 from jaxtele.models.adapters import VARIANTS
 from jaxtele.models.lora import QUANTIZERS
 
@@ -33,6 +34,8 @@ LOSSES = ("plain", "chunked")
 
 def default_config() -> ml_collections.ConfigDict:
   model_init = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in INIT_KEYS}
+  for key, kind in OPTIONAL_INIT.items():  # typed, so an override of an unset value parses
+    model_init[key] = FieldReference(None, field_type=kind)
   cfg = ml_collections.ConfigDict({
       "run_dir": "runs/default",
       "seed": 0,
@@ -114,7 +117,11 @@ POSITIVE, NONNEG, STR, BOOL = Rule(int, lo=1), Rule(int, lo=0), Rule(str), Rule(
 UNIT_OPEN = Rule(float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
 INIT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
              "num_kv_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-             "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias")
+             "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "hidden_act", "norm_offset", "embed_scale",
+             "sandwich_norms", "qk_norm", "layer_types")
+OPTIONAL_INIT = {"sliding_window": int, "query_pre_attn_scalar": float, "attn_softcap": float,
+                 "final_softcap": float, "rope_local_theta": float}
+POSITIVE_OR_UNSET = Rule(float, lo=0.0, lo_open=True, optional=True)
 
 RULES = {
     "run_dir": Rule(str), "seed": NONNEG,
@@ -127,6 +134,11 @@ RULES = {
     "model.init.rms_norm_eps": Rule(float, lo=0.0, lo_open=True), "model.init.rope_theta": Rule(float, lo=0.0, lo_open=True),
     "model.init.max_position_embeddings": POSITIVE, "model.init.tie_word_embeddings": BOOL,
     "model.init.qkv_bias": BOOL, "model.init.o_bias": BOOL, "model.init.mlp_bias": BOOL,
+    "model.init.hidden_act": choice(*ACTIVATIONS), "model.init.norm_offset": Rule(float),
+    "model.init.embed_scale": BOOL, "model.init.sandwich_norms": BOOL, "model.init.qk_norm": BOOL,
+    "model.init.layer_types": Rule(tuple), "model.init.sliding_window": Rule(int, lo=1, optional=True),
+    "model.init.query_pre_attn_scalar": POSITIVE_OR_UNSET, "model.init.attn_softcap": POSITIVE_OR_UNSET,
+    "model.init.final_softcap": POSITIVE_OR_UNSET, "model.init.rope_local_theta": POSITIVE_OR_UNSET,
     "data.sources": Rule(tuple), "data.format": choice(*FORMATS), "data.sft_template": choice(*TEMPLATES),
     "data.doc_end_token": Rule(str, optional=True), "data.seq_len": Rule(int, lo=2), "data.batch_size": POSITIVE,
     "data.packing": choice(*PACKINGS), "data.num_packing_bins": POSITIVE, "data.shuffle": BOOL, "data.seed": NONNEG,

@@ -81,7 +81,9 @@ def setup(cfg) -> Setup:
   model_cfg = build.model_config(cfg.model)
   validate(cfg, model_cfg, jax.device_count(), jax.process_count())
   mesh = make_mesh(cfg.mesh)
-  impl = resolve_attention(model_cfg.attention, model_cfg.dtype, model_cfg.head_dim, model_cfg.sliding_window)
+  windows = {model_cfg.layer_window(i) for i in range(model_cfg.num_layers)}
+  impl = resolve_attention(model_cfg.attention, model_cfg.dtype, model_cfg.head_dim, next((w for w in windows if w), None),
+                           softcap=model_cfg.attn_softcap)
   log(f"attention: {impl} (model.attention={model_cfg.attention}); loss: {cfg.train.loss}; remat: {model_cfg.remat}")
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es)")

@@ -30,16 +30,17 @@ def recompute_greedy(model, prompt, n, stop=(), buf=64):
   return out
 
 
-@pytest.fixture(scope="module", params=["mistral_window", "gqa_kv1", "qwen2_bias"])
+@pytest.fixture(scope="module", params=["mistral_window", "gqa_kv1", "qwen2_bias", "qwen3", "gemma2", "gemma3"])
 def tiny_model(request, make_hf_model, tmp_path_factory):
   # Sharper weights than make_hf_model's, so greedy paths vary instead of repeating one token.
   import torch
 
   ref = make_hf_model(request.param, seed=3)
+  scale = 2.0 if request.param.startswith("gemma") else 6.0  # Gemma's sqrt(D) embeddings saturate sooner
   with torch.no_grad():
     for name, p in ref.named_parameters():
       if "norm" not in name:
-        p.mul_(6.0)
+        p.mul_(scale)
   folder = tmp_path_factory.mktemp(request.param)
   ref.save_pretrained(folder)
   return load_pretrained(str(folder)).model

@@ -134,7 +134,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None
   return out_BTKGH.reshape(B, T, N, H)
 
 
-def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_window=None):
+def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_window=None, softcap=None):
   """Attention of T new queries over a KV cache of S slots (generation).
 
   Causality is by position, not slot: a key is visible when its position is >= 0 (empty and padding slots
@@ -146,6 +146,8 @@ def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_wind
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
   scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   scores_BKGTS = scores_BKGTS / np.sqrt(H).astype(np.float32)
+  if softcap:
+    scores_BKGTS = jnp.tanh(scores_BKGTS / np.float32(softcap)) * np.float32(softcap)
   q_BT1, k_B1S = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
   mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
   if sliding_window:

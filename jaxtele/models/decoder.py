@@ -100,15 +100,11 @@ class Attention(nnx.Module):
     """Generation: write this step's keys/values at slot `index` of the cache, attend over all of it."""
     N, K, H = self.shape
     B, T, _ = x_BTD.shape
-    inv_freq = np.asarray(self.inv_freq, np.float32)
-    rope_pos_BT = jnp.maximum(positions_BT, 0)  # padding (-1) is never attended to
-    q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, N, H), rope_pos_BT, inv_freq)
-    k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, H), rope_pos_BT, inv_freq)
-    v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+    q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, jnp.maximum(positions_BT, 0))  # padding (-1) is never attended to
     k_BSKH = jax.lax.dynamic_update_slice(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), (0, index, 0, 0))
     v_BSKH = jax.lax.dynamic_update_slice(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), (0, index, 0, 0))
     out_BTNH = cached_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), positions_BT,
-                                k_pos_BS, sliding_window=self.sliding_window)
+                                k_pos_BS, sliding_window=self.sliding_window, softcap=self.softcap)
     return self.o_proj(out_BTNH.reshape(B, T, N * H)), {"k": k_BSKH, "v": v_BSKH}
 
 
@@ -142,18 +138,20 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-    attn_BTD = self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT)
+    return self.after_attention(x_BTD, self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT))
+
+  def cached(self, x_BTD, positions_BT, layer_cache, k_pos_BS, index):
+    attn_BTD, layer_cache = self.self_attn.cached(self.input_layernorm(x_BTD), positions_BT, layer_cache, k_pos_BS,
+                                                  index)
+    return self.after_attention(x_BTD, attn_BTD), layer_cache
+
+  def after_attention(self, x_BTD, attn_BTD):
+    """The residual adds and the MLP, with or without sandwich norms."""
     if self.pre_feedforward_layernorm is None:
       x_BTD = x_BTD + attn_BTD
       return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
     x_BTD = x_BTD + self.post_attention_layernorm(attn_BTD)
     return x_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
-
-  def cached(self, x_BTD, positions_BT, layer_cache, k_pos_BS, index):
-    attn_BTD, layer_cache = self.self_attn.cached(self.input_layernorm(x_BTD), positions_BT, layer_cache, k_pos_BS,
-                                                  index)
-    x_BTD = x_BTD + attn_BTD
-    return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), layer_cache
 
 
 class Decoder(nnx.Module):
