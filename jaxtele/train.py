@@ -144,8 +144,10 @@ def train_loop(s: Setup) -> dict:
   preempt = PreemptionFlag()
   last_saved, losses, result = s.latest, [], {}
 
-  def settle(pending):
-    """Read a dispatched step's metrics (the device has moved on to the next one); stop on non-finite."""
+  def settle(pending, window_ends=True):
+    """Read a dispatched step's metrics (the device has moved on to the next one); stop on non-finite.
+    window_ends=False: a step settled right after the previous one (an evaluation or checkpoint boundary) joins
+    the next throughput window instead of closing a window of ~0 s."""
     n, m, local = pending
     m = jax.device_get(m)
     if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
@@ -157,7 +159,8 @@ def train_loop(s: Setup) -> dict:
     s.throughput.add(local["tokens"].size * jax.process_count(), int(m["trained_tokens"]), packing_efficiency(local))
     if n % cfg.train.log_every == 0 or n == end:
       metrics = {f"train/{k}": v for k, v in m.items()} | {"train/lr": float(s.lr_schedule(n - 1))}
-      metrics |= s.throughput.read()
+      if window_ends or n == end:
+        metrics |= s.throughput.read()
       s.writer.write(n, metrics)
       s.writer.progress(n, cfg.train.steps, metrics)
 
@@ -172,11 +175,12 @@ def train_loop(s: Setup) -> dict:
     step += 1
     if pending:
       settle(pending)
+    just_settled = pending is not None
     pending = (step, m, local)
     evaluate_now = s.eval_sets and cfg.eval.every and step % cfg.eval.every == 0 and step < end
     save_now = step % cfg.checkpoint.every == 0 or step == end or preempt.raised
     if evaluate_now or save_now:
-      settle(pending)  # never evaluate or save a step whose metrics were not checked
+      settle(pending, window_ends=not just_settled)  # never evaluate or save a step whose metrics were unchecked
       pending = None
     if evaluate_now:
       run_evaluation(s, step)
