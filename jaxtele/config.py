@@ -303,6 +303,6 @@ def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
     raise JaxteleError(f"config: train.stop_at: {cfg.train.stop_at} is past train.steps ({cfg.train.steps})")
 
 
-def print_config(cfg, file=sys.stderr):
+def print_config(cfg, file=None):
   for key, value in leaves(cfg).items():
-    print(f"  {key} = {value!r}", file=file)
+    print(f"  {key} = {value!r}", file=file or sys.stderr)

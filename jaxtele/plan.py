@@ -19,7 +19,8 @@ from jaxtele.step import init_state, make_train_step
 MiB = 2**20
 
 
-def plan(cfg, compile_step: bool = True, out=sys.stdout) -> dict:
+def plan(cfg, compile_step: bool = True, out=None) -> dict:
+  out = out or sys.stdout
   model_cfg = build.model_config(cfg.model)
   mesh = make_mesh(cfg.mesh)
   graphdef, params, frozen = build.abstract_split(cfg)
