@@ -48,11 +48,11 @@ def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
   assert os.path.getsize(workdir / "ev" / "results.md") > 100
   assert res["model"]["kind"] == "run" and res["model"]["step"] == 6
   # The run's own eval set, built as the trainer builds it: the trainer's final numbers, same checkpoint.
-  assert res["perplexity"]["telecom"]["ppl"] == pytest.approx(trained["eval"]["eval/telecom/ppl"], rel=1e-5)
-  assert res["perplexity"]["telecom"]["tokens"] == trained["eval"]["eval/telecom/tokens"]
+  assert res["perplexity"]["run/telecom"]["ppl"] == pytest.approx(trained["eval"]["eval/telecom/ppl"], rel=1e-5)
+  assert res["perplexity"]["run/telecom"]["tokens"] == trained["eval"]["eval/telecom/tokens"]
   # The same file as a configured set, packed the same way: the same batches.
-  assert res["perplexity"]["again"]["ppl"] == pytest.approx(res["perplexity"]["telecom"]["ppl"], rel=1e-6)
-  assert 0 < res["perplexity"]["telecom"]["bpb"] < 8
+  assert res["perplexity"]["again"]["ppl"] == pytest.approx(res["perplexity"]["run/telecom"]["ppl"], rel=1e-6)
+  assert 0 < res["perplexity"]["run/telecom"]["bpb"] < 8
   assert res["mcq"]["toy"]["raw"]["items"] == 3
   assert set(res["mcq"]["toy"]["per_category"]) == {"timers", "nf", "copied"}
   flagged = [json.loads(line)["contaminated"] for line in open(workdir / "ev" / "predictions" / "mcq_toy.jsonl")]
@@ -61,7 +61,8 @@ def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
   assert (c["n_all"], c["n_clean"], c["n_flagged"]) == (3, 2, 1)
   assert "## Contamination" in open(workdir / "ev" / "results.md").read()
   qa = res["open_qa"]["toyqa"]
-  assert qa["template"] == "alpaca" and "run's config" in qa["template_origin"]  # the template it was trained with
+  # The run trained on plain text: no instruction template, so it is prompted as its base would be.
+  assert qa["template"] == "alpaca" and "no training template" in qa["template_origin"]
   assert 0 <= qa["generation"]["f1"] <= 1 and qa["answer_ppl"]["items"] == 2
   assert len(open(workdir / "ev" / "predictions" / "qa_toyqa.jsonl").readlines()) == 2
   assert "items/s" in capsys.readouterr().err  # progress lines

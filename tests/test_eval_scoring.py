@@ -87,3 +87,15 @@ def test_teleqna_sample_is_fixed_and_in_the_given_categories(shared_data):
     assert raw[x["id"]]["answer"] == f"option {x['answer'] + 1}: {x['options'][x['answer']]}"
   qa = items.load_items(spec, "qa", "s")
   assert [q["answer"] for q in qa[:5]] == [x["options"][x["answer"]] for x in a[:5]]
+
+
+def test_the_training_template_is_used_only_for_instruction_tuned_runs():
+  import ml_collections
+
+  from jaxtele.eval.prompts import run_template
+
+  sft_run = ml_collections.ConfigDict({"data": {"format": "sft", "sft_template": "chatml"}})
+  cpt_run = ml_collections.ConfigDict({"data": {"format": "tokens", "sft_template": "alpaca"}})
+  assert run_template("runs/x", sft_run)[0] == "chatml"
+  template, why = run_template("runs/x", cpt_run)
+  assert template is None and "data.format='tokens'" in why

@@ -9,17 +9,24 @@ from jaxtele.errors import JaxteleError
 
 
 def run_template(source: str, run_cfg=None) -> tuple[str | None, str]:
-  """(the SFT template a model was trained with, where that was read) or (None, why not)."""
-  if run_cfg is not None:
-    return run_cfg.data.sft_template, "the run's config (data.sft_template)"
-  meta = os.path.join(source, "jaxtele_run.json") if os.path.isdir(source) else ""
-  if meta and os.path.isfile(meta):
+  """(the SFT template a model was trained with, where that was read) or (None, why not). A run that trained on
+  plain text or tokens (continual pretraining) has no instruction template: it is evaluated as its base is."""
+  where = "the run's config (data.sft_template)"
+  if run_cfg is None:
+    meta = os.path.join(source, "jaxtele_run.json") if os.path.isdir(source) else ""
+    if not (meta and os.path.isfile(meta)):
+      return None, "no run record"
     try:
       with open(meta) as f:
-        return json.load(f)["data"]["sft_template"], meta
+        data = json.load(f)["data"]
+      fmt, template, where = data.get("format", "sft"), data["sft_template"], meta
     except (ValueError, KeyError, TypeError):
       raise JaxteleError(f"{meta}: no data.sft_template in this run record") from None
-  return None, "no run record"
+  else:
+    fmt, template = run_cfg.data.format, run_cfg.data.sft_template
+  if fmt != "sft":
+    return None, f"the run trained on data.format={fmt!r} (no instruction template)"
+  return template, where
 
 
 def resolve(configured: str, source: str, run_cfg, tokenizer, key: str) -> tuple[str, str]:

@@ -65,8 +65,8 @@ def perplexity_sets(cfg, m: Loaded, doc_tok) -> dict:
   out = {}
   if cfg.perplexity.run_sets and m.run_cfg is not None and m.run_cfg.eval.sets:
     rc = m.run_cfg
-    for name, ds in data_setup.eval_data(rc, doc_tok).items():
-      out[name] = (ds, rc.eval.batch_size, rc.data.seq_len, rc.eval.max_batches)
+    for name, ds in data_setup.eval_data(rc, doc_tok).items():  # "run/...": never shadowed by a configured set
+      out[f"run/{name}"] = (ds, rc.eval.batch_size, rc.data.seq_len, rc.eval.max_batches)
   pc = cfg.perplexity
   data_cfg = pc.data.copy_and_resolve_references()
   data_cfg.unlock()
