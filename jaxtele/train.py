@@ -146,8 +146,8 @@ def train_loop(s: Setup) -> dict:
 
   def settle(pending, window_ends=True):
     """Read a dispatched step's metrics (the device has moved on to the next one); stop on non-finite.
-    window_ends=False: a step settled right after the previous one (an evaluation or checkpoint boundary) joins
-    the next throughput window instead of closing a window of ~0 s."""
+    window_ends=False: a step settled just before the next one is (an evaluation or checkpoint boundary) leaves
+    its throughput window open, so the two close one window instead of one of ~0 s."""
     n, m, local = pending
     m = jax.device_get(m)
     if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
@@ -159,7 +159,7 @@ def train_loop(s: Setup) -> dict:
     s.throughput.add(local["tokens"].size * jax.process_count(), int(m["trained_tokens"]), packing_efficiency(local))
     if n % cfg.train.log_every == 0 or n == end:
       metrics = {f"train/{k}": v for k, v in m.items()} | {"train/lr": float(s.lr_schedule(n - 1))}
-      if window_ends or n == end:
+      if window_ends:
         metrics |= s.throughput.read()
       s.writer.write(n, metrics)
       s.writer.progress(n, cfg.train.steps, metrics)
@@ -173,14 +173,13 @@ def train_loop(s: Setup) -> dict:
   while step < end:
     s.state, m = s.train_step(s.state, s.frozen, batch)
     step += 1
-    if pending:
-      settle(pending)
-    just_settled = pending is not None
-    pending = (step, m, local)
     evaluate_now = s.eval_sets and cfg.eval.every and step % cfg.eval.every == 0 and step < end
     save_now = step % cfg.checkpoint.every == 0 or step == end or preempt.raised
+    if pending:
+      settle(pending, window_ends=not (evaluate_now or save_now))
+    pending = (step, m, local)
     if evaluate_now or save_now:
-      settle(pending, window_ends=not just_settled)  # never evaluate or save a step whose metrics were unchecked
+      settle(pending)  # never evaluate or save a step whose metrics were not checked
       pending = None
     if evaluate_now:
       run_evaluation(s, step)
