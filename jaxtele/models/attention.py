@@ -119,19 +119,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, im
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, softcap=None):
   """The reference: dense fp32 scores with the contract's mask."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  scores_BKGTS = scores_BKGTS / np.sqrt(H).astype(np.float32)
-  if softcap:
-    scores_BKGTS = jnp.tanh(scores_BKGTS / np.float32(softcap)) * np.float32(softcap)
-  mask_B11TS = attention_mask(segment_ids_BT, sliding_window)[:, None, None]
-  # A large finite negative (not -inf) keeps fully masked padding rows finite instead of NaN.
-  scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
+  return dense_attention(q_BTNH, k_BSKH, v_BSKH, attention_mask(segment_ids_BT, sliding_window), softcap)
 
 
 def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_window=None, softcap=None):
@@ -141,6 +129,15 @@ def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_wind
   hold -1) and not after the query's; with a sliding window, also within `sliding_window` positions. Rows
   of a left-padded batch thus see only their own tokens.
   """
+  q_BT1, k_B1S = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+  mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
+  if sliding_window:
+    mask_BTS &= q_BT1 - k_B1S < sliding_window
+  return dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, softcap)
+
+
+def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, softcap=None):
+  """Grouped-query attention with fp32 scores under a [B, T, S] bool mask: N query heads share K kv heads."""
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
@@ -148,10 +145,7 @@ def cached_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, sliding_wind
   scores_BKGTS = scores_BKGTS / np.sqrt(H).astype(np.float32)
   if softcap:
     scores_BKGTS = jnp.tanh(scores_BKGTS / np.float32(softcap)) * np.float32(softcap)
-  q_BT1, k_B1S = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
-  mask_BTS = (k_B1S >= 0) & (k_B1S <= q_BT1)
-  if sliding_window:
-    mask_BTS &= q_BT1 - k_B1S < sliding_window
+  # A large finite negative (not -inf) keeps fully masked padding rows finite instead of NaN.
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
