@@ -250,3 +250,24 @@ def smollm2_hf(smollm2, tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("smollm2_hf") / "hf")
   save_hf(smollm2.model, folder, tokenizer=smollm2.tokenizer)
   return folder, transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
+def assert_bit_exact_export():
+  """assert_bit_exact_export(model, hf_folder, out): export `model` to `out` and check every tensor against the
+  HF folder it was loaded from, dtype and bytes (a tied head's lm_head.weight is not written)."""
+  from safetensors.numpy import load_file
+
+  from jaxtele.convert import hf
+
+  def check(model, folder, out):
+    hf.save_hf(model, out)
+    original = load_file(os.path.join(folder, "model.safetensors"))
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    if model.config.tie_word_embeddings:
+      original.pop("lm_head.weight", None)
+    assert sorted(original) == sorted(exported)
+    for k in original:
+      assert original[k].dtype == exported[k].dtype and np.array_equal(original[k], exported[k]), k
+
+  return check

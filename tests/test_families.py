@@ -1,12 +1,10 @@
 """Qwen3 and Gemma 1/2/3 as configurations of the one decoder, against `transformers` (eager attention) on tiny
 random models; HF round trips; soft-capping refused by the fused kernels; LoRA/PEFT and the trainer on them."""
 
-import os
 
 import numpy as np
 import pytest
 import transformers
-from safetensors.numpy import load_file
 
 from jaxtele.convert import hf, load_pretrained
 from jaxtele.errors import JaxteleError
@@ -47,16 +45,9 @@ def test_packed_documents_equal_each_document_alone_in_transformers(family, hf_l
     start += len(d)
 
 
-def test_hf_roundtrip_is_bit_exact_and_loads_in_transformers(family, tmp_path, hf_logits):
+def test_hf_roundtrip_is_bit_exact_and_loads_in_transformers(family, tmp_path, hf_logits, assert_bit_exact_export):
   name, ref, folder, ours = family
-  hf.save_hf(ours, str(tmp_path / "out"))
-  original = load_file(os.path.join(folder, "model.safetensors"))
-  exported = load_file(str(tmp_path / "out" / "model.safetensors"))
-  if ours.config.tie_word_embeddings:
-    original.pop("lm_head.weight", None)
-  assert sorted(original) == sorted(exported)
-  for k in original:
-    assert original[k].dtype == exported[k].dtype and np.array_equal(original[k], exported[k]), k
+  assert_bit_exact_export(ours, folder, str(tmp_path / "out"))
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
   assert type(back) is type(ref)
   for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
