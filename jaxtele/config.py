@@ -24,9 +24,9 @@ from jaxtele.models.config import FAMILIES, REMAT_POLICIES, ModelConfig
 from jaxtele.models.decoder import ACTIVATIONS
 from jaxtele.models.adapters import VARIANTS
 from jaxtele.models.lora import QUANTIZERS
+from jaxtele.optimizer import DECAY_SHAPES, SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("cosine", "linear", "constant")
 FILE_SOURCES = ("text", "jsonl", "json", "parquet")
 PLATFORMS = ("any", "cpu", "gpu", "tpu")
 LOSSES = ("plain", "chunked")
@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
                "plus_ratio": 0.0,  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
                "quantize_base": "none", "double_quant": False},  # nf4: QLoRA
       "optimizer": {"lr": 1e-4, "schedule": "cosine", "warmup_ratio": 0.03, "final_lr_ratio": 0.1,
-                    "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip": 1.0},
+                    "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip": 1.0,
+                    "decay_fraction": 0.2, "decay_shape": "sqrt"},  # wsd: the final decay's share and shape
       # Axis sizes (-1: the rest of the devices); require: refuse to run on another platform.
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "require": "any"},
       "checkpoint": {"every": 100, "keep": 3, "async_save": True, "resume": True},
@@ -155,6 +156,7 @@ RULES = {
     "optimizer.warmup_ratio": UNIT_OPEN, "optimizer.final_lr_ratio": Rule(float, lo=0.0, hi=1.0),
     "optimizer.weight_decay": Rule(float, lo=0.0), "optimizer.b1": UNIT_OPEN, "optimizer.b2": UNIT_OPEN,
     "optimizer.eps": Rule(float, lo=0.0, lo_open=True), "optimizer.clip": Rule(float, lo=0.0),
+    "optimizer.decay_fraction": Rule(float, lo=0.0, hi=1.0), "optimizer.decay_shape": choice(*DECAY_SHAPES),
     "mesh.data": Rule(int, lo=-1), "mesh.fsdp": Rule(int, lo=-1), "mesh.tensor": Rule(int, lo=-1),
     "mesh.require": choice(*PLATFORMS),
     "checkpoint.every": POSITIVE, "checkpoint.keep": POSITIVE, "checkpoint.async_save": BOOL, "checkpoint.resume": BOOL,
@@ -299,6 +301,9 @@ def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
   if cfg.model.init.num_heads % cfg.model.init.num_kv_heads and not cfg.model.source:
     raise JaxteleError(f"config: model.init.num_kv_heads: {cfg.model.init.num_kv_heads} does not divide "
                        f"model.init.num_heads ({cfg.model.init.num_heads})")
+  if cfg.optimizer.schedule == "wsd" and cfg.optimizer.warmup_ratio + cfg.optimizer.decay_fraction > 1:
+    raise JaxteleError(f"config: optimizer.decay_fraction: {cfg.optimizer.decay_fraction} + optimizer.warmup_ratio "
+                       f"({cfg.optimizer.warmup_ratio}) exceed 1 (the run has no room for its warmup and decay)")
   if cfg.train.stop_at > cfg.train.steps:
     raise JaxteleError(f"config: train.stop_at: {cfg.train.stop_at} is past train.steps ({cfg.train.steps})")
 

@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine/linear/constant decay, global-norm clipping, and no decay on norms/biases.
+"""AdamW with warmup + cosine/linear/constant/warmup-stable-decay schedules, global-norm clipping, and no
+decay on norms/biases.
 
 The optimizer only ever sees the trainable leaves (the state is split by `models.lora.trainable_filter`
 before it gets here), so frozen weights hold no moments at all and can't move: stronger than an
@@ -9,24 +10,69 @@ an optax multi_transform over labels read from the leaf names (0 or 1 = off: the
 """
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxtele.errors import JaxteleError
 
 
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+
+
+def decay_curve(shape: str, peak: float, final: float, steps: int):
+  """peak -> final over `steps` updates: linear, half a cosine, or 1 - sqrt (Hagele et al. 2024, the WSD
+  cooldown they found best); held at `final` after."""
+  steps = max(steps, 1)
+
+  def lr(count):
+    t = jnp.clip(jnp.asarray(count, jnp.float32) / steps, 0.0, 1.0)
+    frac = {"linear": 1.0 - t, "cosine": 0.5 * (1.0 + jnp.cos(jnp.pi * t)), "sqrt": 1.0 - jnp.sqrt(t)}[shape]
+    return final + (peak - final) * frac
+
+  return lr
+
+
+def wsd_decay_steps(cfg, total_steps: int) -> int:
+  return int(round(cfg.get("decay_fraction", 0.2) * total_steps))
+
+
 def schedule(cfg, total_steps: int):
+  """The learning rate of each update, by optax's count (0 = the first update).
+
+  Warmup rises linearly to the peak over `warmup_ratio * total_steps` updates, reaching it at the last of
+  them: update c runs at peak * (c + 1) / warmup, so the first update is never a no-op at lr 0. Then:
+  cosine / linear decay to `final_lr_ratio * lr` at `total_steps`; constant (= constant_with_warmup) holds the
+  peak; wsd (warmup-stable-decay) holds the peak and decays over the last `decay_fraction` of the run, in
+  `decay_shape`.
+  """
   warmup = int(cfg.warmup_ratio * total_steps)
   peak, final = cfg.lr, cfg.lr * cfg.final_lr_ratio
   decay_steps = max(total_steps - warmup, 1)
-  if cfg.schedule == "cosine":
+  kind = cfg.schedule
+  if kind not in SCHEDULES:
+    raise JaxteleError(f"optimizer.schedule: unknown schedule {kind!r} (choose from {', '.join(SCHEDULES)})")
+  if kind == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.final_lr_ratio)
-  elif cfg.schedule == "linear":
+  elif kind == "linear":
     decay = optax.linear_schedule(peak, final, decay_steps)
+  elif kind == "wsd":
+    cool = wsd_decay_steps(cfg, total_steps)
+    if warmup + cool > total_steps:
+      raise JaxteleError(f"optimizer.decay_fraction: warmup ({warmup}) + decay ({cool}) updates exceed the "
+                         f"{total_steps} of the run (warmup_ratio + decay_fraction must be <= 1)")
+    shape = cfg.get("decay_shape", "sqrt")
+    if shape not in DECAY_SHAPES:
+      raise JaxteleError(f"optimizer.decay_shape: unknown shape {shape!r} (choose from {', '.join(DECAY_SHAPES)})")
+    stable = total_steps - warmup - cool
+    decay = optax.join_schedules([optax.constant_schedule(peak), decay_curve(shape, peak, final, cool)], [stable])
   else:
     decay = optax.constant_schedule(peak)
   if warmup == 0:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  # linear_schedule holds `init` when transition_steps is 0: warmup=1 runs its one update at the peak.
+  rise = optax.linear_schedule(peak / warmup, peak, warmup - 1)
+  return optax.join_schedules([rise, decay], [warmup])
 
 
 def decay_mask(params):

@@ -26,15 +26,46 @@ def opt_cfg(**kw):
   return ml_collections.ConfigDict(base | kw)
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "constant_with_warmup", "wsd"])
 def test_schedules(kind):
   lr = schedule(opt_cfg(schedule=kind), 100)
-  assert float(lr(0)) == 0.0 and math.isclose(float(lr(5)), 5e-4, rel_tol=1e-6)  # linear warmup over 10 steps
-  assert math.isclose(float(lr(10)), 1e-3, rel_tol=1e-6)
-  end = {"cosine": 1e-4, "linear": 1e-4, "constant": 1e-3}[kind]
+  # Warmup over 10 updates: update c (optax count) runs at peak * (c + 1) / 10, the peak at the 10th.
+  assert math.isclose(float(lr(0)), 1e-4, rel_tol=1e-6) and math.isclose(float(lr(4)), 5e-4, rel_tol=1e-6)
+  assert math.isclose(float(lr(9)), 1e-3, rel_tol=1e-6) and math.isclose(float(lr(10)), 1e-3, rel_tol=1e-6)
+  end = {"cosine": 1e-4, "linear": 1e-4, "constant": 1e-3, "constant_with_warmup": 1e-3, "wsd": 1e-4}[kind]
   assert math.isclose(float(lr(100)), end, rel_tol=1e-5)
   if kind == "cosine":  # halfway through the decay: final + (peak - final) / 2
     assert math.isclose(float(lr(55)), 1e-4 + 0.5 * 9e-4, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt"])
+def test_wsd_holds_the_peak_then_decays_over_the_last_fraction(shape):
+  """100 updates, warmup 10, decay over the last 20 (from count 80): hand values of each shape."""
+  lr = schedule(opt_cfg(schedule="wsd", decay_fraction=0.2, decay_shape=shape), 100)
+  peak, final = 1e-3, 1e-4
+  for c in (10, 40, 79, 80):
+    assert math.isclose(float(lr(c)), peak, rel_tol=1e-6), c
+  for c in (85, 90, 99):
+    t = (c - 80) / 20
+    frac = {"linear": 1 - t, "cosine": 0.5 * (1 + math.cos(math.pi * t)), "sqrt": 1 - math.sqrt(t)}[shape]
+    assert math.isclose(float(lr(c)), final + (peak - final) * frac, rel_tol=1e-5), (shape, c)
+  assert math.isclose(float(lr(100)), final, rel_tol=1e-5)
+
+
+def test_wsd_without_room_for_its_decay_is_refused():
+  from jaxtele.errors import JaxteleError
+
+  with pytest.raises(JaxteleError, match="optimizer.decay_fraction"):
+    schedule(opt_cfg(schedule="wsd", warmup_ratio=0.5, decay_fraction=0.6), 100)
+
+
+def test_one_warmup_update_runs_at_the_peak_not_at_zero():
+  """warmup_ratio x steps = 1: the first (and only warmup) update runs at the peak lr and moves the weights."""
+  lr = schedule(opt_cfg(warmup_ratio=0.1), 10)
+  assert math.isclose(float(lr(0)), 1e-3, rel_tol=1e-6)
+  before, after, _, _ = one_step(TINY, ocfg=opt_cfg(warmup_ratio=0.1, weight_decay=0.0))
+  moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
+  assert min(moved) > 1e-4  # Adam's first step moves every leaf by ~lr (sign of its gradient)
 
 
 def batch_of(B=4, T=8, trained=True, seed=0):
