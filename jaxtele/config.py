@@ -25,6 +25,7 @@ from jaxtele.models.decoder import ACTIVATIONS
 from jaxtele.models.adapters import VARIANTS
 from jaxtele.models.lora import QUANTIZERS
 from jaxtele.optimizer import DECAY_SHAPES, SCHEDULES
+from jaxtele.token_clock import requested_tokens
 
 DTYPES = ("float32", "bfloat16")
 FILE_SOURCES = ("text", "jsonl", "json", "parquet")
@@ -51,7 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
       },
       "data": data_defaults(),
       # every 0: only at the end; at_start: a baseline before the first step (what forgetting is measured against)
-      "eval": {"every": 0, "at_start": False, "max_batches": 8, "batch_size": 8, "sets": ()},
+      "eval": {"every": 0, "at_start": False, "max_batches": 8, "batch_size": 8, "sets": (),
+               # also evaluate once the run has seen >= each of these input token counts; log: (first, last, n)
+               "at_tokens": (), "at_tokens_log": ()},
       "train": {"mode": "full", "steps": 100, "grad_accum": 1, "log_every": 10,
                 "stop_at": 0,  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
                 "loss": "plain", "loss_chunk": 1024},  # chunked: the [B, T, V] logits are never all alive
@@ -145,7 +148,7 @@ RULES = {
     "data.packing": choice(*PACKINGS), "data.num_packing_bins": POSITIVE, "data.shuffle": BOOL, "data.seed": NONNEG,
     "data.num_epochs": Rule(int, lo=1, optional=True), "data.workers": NONNEG,
     "eval.every": NONNEG, "eval.at_start": BOOL, "eval.max_batches": NONNEG, "eval.batch_size": POSITIVE,
-    "eval.sets": Rule(tuple),
+    "eval.sets": Rule(tuple), "eval.at_tokens": Rule(tuple), "eval.at_tokens_log": Rule(tuple),
     "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
     "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
     "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
@@ -304,6 +307,7 @@ def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
   if cfg.optimizer.schedule == "wsd" and cfg.optimizer.warmup_ratio + cfg.optimizer.decay_fraction > 1:
     raise JaxteleError(f"config: optimizer.decay_fraction: {cfg.optimizer.decay_fraction} + optimizer.warmup_ratio "
                        f"({cfg.optimizer.warmup_ratio}) exceed 1 (the run has no room for its warmup and decay)")
+  requested_tokens(cfg.eval)
   if cfg.train.stop_at > cfg.train.steps:
     raise JaxteleError(f"config: train.stop_at: {cfg.train.stop_at} is past train.steps ({cfg.train.steps})")
 

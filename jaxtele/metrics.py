@@ -81,14 +81,15 @@ class MetricsWriter:
 
       self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-  def write(self, step: int, metrics: dict, log=None):
-    """Append to metrics.jsonl and TensorBoard; `log` also prints the perplexities (evaluations)."""
+  def write(self, step: int, metrics: dict, log=None, index: dict | None = None):
+    """Append to metrics.jsonl and TensorBoard; `log` also prints the perplexities (evaluations). `index`: what
+    the row is keyed by besides the step (tokens seen, tokens per parameter), written as given."""
     if not self.enabled:
       return
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     if log:
       log(f"step {step} eval: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")))
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.write(json.dumps({"step": step, **(index or {}), **metrics}) + "\n")
     self.jsonl.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)

@@ -1,7 +1,7 @@
-"""`python -m jaxtele.report RUN_DIR [RUN_DIR ...] [--out DIR] [--domain RE] [--general RE]`
+"""`python -m jaxtele.report RUN_DIR [RUN_DIR ...] [--out DIR] [--domain RE] [--general RE] [--x tokens_seen]`
 
 One Markdown page (DIR/report.md, PNG plots beside it, linked relatively) comparing runs side by side:
-the runs' key settings, final metrics, loss curves, eval perplexities over steps, domain gain vs general
+the runs' key settings, final metrics, loss curves, eval perplexities over steps (or tokens seen, tokens per parameter), domain gain vs general
 loss, gradient norms per group, and intruder dimensions from RUN_DIR/diagnostics.json
 (`python -m jaxtele.eval.diagnose`). What a plot needs and no run has is noted on the page, not fatal.
 Reads only files (metrics.jsonl, the latest checkpoint's JSON meta, diagnostics.json): no JAX.
@@ -18,6 +18,7 @@ from jaxtele.eval.diagnose import GRAD_KEYS, read_metrics
 
 DOMAIN_RE, GENERAL_RE = r"3gpp|telecom", r"wikitext"
 PPL = re.compile(r"^eval/(.+)/ppl$")
+X_AXES = {"step": "steps", "tokens_seen": "tokens seen", "tokens_per_param": "tokens per parameter"}
 
 
 class Run:
@@ -32,8 +33,9 @@ class Run:
     diag = os.path.join(run_dir, "diagnostics.json")
     self.diagnostics = json.load(open(diag)) if os.path.isfile(diag) else None
 
-  def series(self, key: str) -> tuple[list, list]:
-    pts = [(r["step"], r[key]) for r in self.rows if key in r and r.get("step") is not None]
+  def series(self, key: str, x: str = "step") -> tuple[list, list]:
+    """(x values, values) of `key` over the rows that have both (x: step, tokens_seen or tokens_per_param)."""
+    pts = [(r[x], r[key]) for r in self.rows if key in r and r.get(x) is not None]
     return ([s for s, _ in pts], [v for _, v in pts]) if pts else ([], [])
 
   def last(self, key: str):
@@ -130,17 +132,22 @@ def plot_loss(runs, out_dir):
   return _save(plt, fig, out_dir, "loss.png"), None
 
 
-def plot_eval(runs, out_dir):
+def plot_eval(runs, out_dir, x="step"):
   sets = sorted({s for r in runs for s in r.eval_sets()})
   if not sets:
     return None, "no run logged eval/*/ppl"
+  if not any(r.series(f"eval/{s}/ppl", x)[0] for r in runs for s in sets):
+    return None, f"no run keyed its evaluations by {x}"
   plt, fig, axes = _figure(len(sets), width=5.0)
   for ax, s in zip(axes, sets):
     for r in runs:
-      steps, v = r.series(f"eval/{s}/ppl")
+      steps, v = r.series(f"eval/{s}/ppl", x)
       if steps:
         ax.plot(steps, v, marker="o", label=r.name)
-    ax.set(xlabel="step", ylabel="perplexity", title=f"eval/{s}/ppl")
+    if x != "step":
+      ax.set_xscale("symlog", linthresh=min((p for r in runs for p in r.series(f"eval/{s}/ppl", x)[0] if p > 0),
+                                            default=1))
+    ax.set(xlabel=x.replace("_", " "), ylabel="perplexity", title=f"eval/{s}/ppl")
     ax.grid(alpha=0.3)
     ax.legend()
   return _save(plt, fig, out_dir, "eval_ppl.png"), None
@@ -227,7 +234,8 @@ def run_names(dirs: list[str]) -> list[str]:
   return names
 
 
-def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, general_re: str = GENERAL_RE) -> str:
+def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, general_re: str = GENERAL_RE,
+                 x: str = "step") -> str:
   """Write out_dir/report.md and its PNGs; returns the report's path."""
   if not run_dirs:
     raise JaxteleError("report: give at least one RUN_DIR")
@@ -237,7 +245,7 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
   page = ["# Run comparison", "", "## Runs", "",
           md_table(["run", "path"] + list(s[0]), [[r.name, r.dir] + list(x.values()) for r, x in zip(runs, s)]),
           "", "## Final metrics", "", final_metrics(runs), ""]
-  plots = [("Loss curves", plot_loss(runs, out_dir)), ("Eval perplexity over steps", plot_eval(runs, out_dir)),
+  plots = [("Loss curves", plot_loss(runs, out_dir)), (f"Eval perplexity over {X_AXES[x]}", plot_eval(runs, out_dir, x)),
            ("Domain gain vs general loss", plot_tradeoff(runs, out_dir, domain_re, general_re)),
            ("Gradient norms", plot_grad_norms(runs, out_dir)), ("Intruder dimensions", plot_intruders(runs, out_dir))]
   for title, (png, why) in plots:
@@ -259,13 +267,14 @@ def main(argv=None):
   p.add_argument("--out", default="report", help="output folder (default ./report)")
   p.add_argument("--domain", default=DOMAIN_RE, help=f"regex naming the domain eval set (default {DOMAIN_RE})")
   p.add_argument("--general", default=GENERAL_RE, help=f"regex naming the general eval set (default {GENERAL_RE})")
+  p.add_argument("--x", default="step", choices=list(X_AXES), help="x-axis of the eval curves (default step)")
   a = p.parse_args(argv)
   for pattern, flag in ((a.domain, "--domain"), (a.general, "--general")):
     try:
       re.compile(pattern)
     except re.error as e:
       raise JaxteleError(f"{flag}: bad regex {pattern!r} ({e})") from None
-  print(build_report(a.run_dirs, a.out, a.domain, a.general))
+  print(build_report(a.run_dirs, a.out, a.domain, a.general, a.x))
   return 0
 
 

@@ -25,6 +25,7 @@ from jaxtele.metrics import MetricsWriter, Throughput, flops_per_token
 from jaxtele.optimizer import run_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, global_batch, host_copy, make_mesh, put
 from jaxtele.step import init_state, make_eval_step, make_train_step
+from jaxtele.token_clock import TokenClock
 
 
 class PreemptionFlag:
@@ -61,6 +62,7 @@ class Setup:
   eval_step: object
   writer: MetricsWriter
   throughput: Throughput
+  clock: TokenClock  # tokens seen at a step; the steps eval.at_tokens asks for
 
 
 def check_platform(cfg, log):
@@ -125,15 +127,19 @@ def setup(cfg) -> Setup:
                        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)), out_shardings=(state_sh, None))
   adapter_params = n_train if cfg.train.mode == "lora" else 0
   throughput = Throughput(flops_per_token(model_cfg, cfg.data.seq_len, cfg.train.mode, adapter_params))
+  clock = TokenClock(cfg, n_train + n_frozen, n_train)
+  if clock.unreachable and cfg.eval.sets:
+    log(f"warning: eval.at_tokens: {', '.join(f'{t:,}' for t in clock.unreachable)} tokens are past the run's "
+        f"{cfg.train.steps * clock.tokens_per_step:,}; the final evaluation stands in for them")
   return Setup(cfg, log, mesh, tokenizer, graphdef, state, frozen, state_sh, frozen_sh, lr_schedule, ckpt, meta,
                latest, data_iter, eval_sets, train_step, jax.jit(make_eval_step(graphdef, **loss)),
-               MetricsWriter(cfg.run_dir, main_process), throughput)
+               MetricsWriter(cfg.run_dir, main_process), throughput, clock)
 
 
 def run_evaluation(s: Setup, step: int) -> dict:
   shape = (s.cfg.eval.batch_size // jax.process_count(), s.cfg.data.seq_len)
   out = evaluate(s.eval_step, s.state["params"], s.frozen, s.eval_sets, s.mesh, s.cfg.eval.max_batches, shape)
-  s.writer.write(step, out, s.log)
+  s.writer.write(step, out, s.log, index=s.clock.index(step))
   return out
 
 
@@ -161,7 +167,7 @@ def train_loop(s: Setup) -> dict:
       metrics = {f"train/{k}": v for k, v in m.items()} | {"train/lr": float(s.lr_schedule(n - 1))}
       if window_ends:
         metrics |= s.throughput.read()
-      s.writer.write(n, metrics)
+      s.writer.write(n, metrics, index=s.clock.index(n))
       s.writer.progress(n, cfg.train.steps, metrics)
 
   if s.eval_sets and cfg.eval.at_start and step == 0:
@@ -173,7 +179,8 @@ def train_loop(s: Setup) -> dict:
   while step < end:
     s.state, m = s.train_step(s.state, s.frozen, batch)
     step += 1
-    evaluate_now = s.eval_sets and cfg.eval.every and step % cfg.eval.every == 0 and step < end
+    periodic = cfg.eval.every and step % cfg.eval.every == 0
+    evaluate_now = s.eval_sets and (periodic or step in s.clock.eval_steps) and step < end
     save_now = step % cfg.checkpoint.every == 0 or step == end or preempt.raised
     if pending:
       settle(pending, window_ends=not (evaluate_now or save_now))
