@@ -145,7 +145,7 @@ RULES = {
     "model.init.final_softcap": POSITIVE_OR_UNSET, "model.init.rope_local_theta": POSITIVE_OR_UNSET,
     "data.sources": Rule(tuple), "data.format": choice(*FORMATS), "data.sft_template": choice(*TEMPLATES),
     "data.doc_end_token": Rule(str, optional=True), "data.seq_len": Rule(int, lo=2), "data.batch_size": POSITIVE,
-    "data.packing": choice(*PACKINGS), "data.num_packing_bins": POSITIVE, "data.shuffle": BOOL, "data.seed": NONNEG,
+    "data.packing": choice(*PACKINGS), "data.split_before_shuffle": BOOL, "data.num_packing_bins": POSITIVE, "data.shuffle": BOOL, "data.seed": NONNEG,
     "data.num_epochs": Rule(int, lo=1, optional=True), "data.workers": NONNEG,
     "eval.every": NONNEG, "eval.at_start": BOOL, "eval.max_batches": NONNEG, "eval.batch_size": POSITIVE,
     "eval.sets": Rule(tuple), "eval.at_tokens": Rule(tuple), "eval.at_tokens_log": Rule(tuple),

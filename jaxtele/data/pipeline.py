@@ -1,4 +1,5 @@
-"""The Grain input pipeline: sources -> per-process shard -> shuffle -> tokenize -> mix -> pack -> batch.
+"""The Grain input pipeline: sources -> per-process shard -> [cut into pieces] -> shuffle -> tokenize -> mix ->
+pack -> batch.
 
 Deterministic for a seed; the iterator's state (`it.get_state()` / `it.set_state()`) is what a
 checkpoint stores, so a restored run sees exactly the batches an uninterrupted one would have.
@@ -12,6 +13,7 @@ import numpy as np
 
 from jaxtele.data import sft
 from jaxtele.data.packing import PACKINGS, lm_example, pack
+from jaxtele.data.pieces import DocumentPieces
 from jaxtele.data.sources import make_source
 from jaxtele.data.tokenize import DocTokenizer
 from jaxtele.errors import JaxteleError
@@ -29,6 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
       "seq_len": 512,
       "batch_size": 8,  # global, over all processes
       "packing": "first_fit",
+      # text/tokens training streams: cut documents into seq_len pieces before the shuffle (data/pieces.py)
+      "split_before_shuffle": True,
       "num_packing_bins": 16,
       "shuffle": True,
       "seed": 0,
@@ -96,14 +100,17 @@ def build(cfg, doc_tok: DocTokenizer, *, sources=None, weights=None, process_ind
   if cfg.batch_size % process_count:
     raise JaxteleError(f"data.batch_size: {cfg.batch_size} is not divisible by {process_count} processes")
   fmt = Formatter(cfg.format, doc_tok, cfg.sft_template)
+  presplit = train and cfg.get("split_before_shuffle", True) and cfg.format != "sft"
   streams = []
   for k, src in enumerate(sources):
     ds = grain.MapDataset.source(src)[process_index::process_count]
+    if presplit:  # pieces come out formatted: the shuffle below mixes pieces, not whole documents
+      ds = grain.MapDataset.source(DocumentPieces(ds, fmt, cfg.seq_len))
     if train:
       if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed + k)
       ds = ds.repeat(cfg.num_epochs)
-    streams.append(ds.map(fmt).filter(has_pairs).to_iter_dataset())
+    streams.append((ds if presplit else ds.map(fmt)).filter(has_pairs).to_iter_dataset())
   ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
   rows = pack(ds, cfg.seq_len, cfg.packing, cfg.num_packing_bins, cfg.seed)
   per_process = cfg.batch_size // process_count
