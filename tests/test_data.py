@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -224,17 +225,23 @@ def prepared(shared_data, smollm2_tokenizer, tmp_path_factory):
   for name in ("37.324_SDAP_j00.md", "38.202_PHY_Services_j00.md", "38.340_BAP_j00.md"):
     shutil.copy(os.path.join(shared_data, "3gpp", name), specs)
   out = str(tmp_path_factory.mktemp("prepared"))
-  stats = prepare_3gpp(str(specs), out, smollm2_tokenizer, VOCAB, eval_fraction=0.2, log=lambda s: None)
+  stats = prepare_3gpp(str(specs), out, smollm2_tokenizer, VOCAB, eval_fraction=0.2, log=lambda s: None,
+                       heldout_specs="38.340")
   return out, threegpp.read_specs(str(specs)), stats
+
+
+def split_records(out_dir, splits=("train", "eval", "eval_spec")) -> dict:
+  path = os.path.join(out_dir, "telecom_corpus", "1.0.0")
+  srcs = {s: make_source({"type": "tfds", "path": path, "split": s}) for s in splits}
+  return {s: [src[i] for i in range(len(src))] for s, src in srcs.items()}
 
 
 def test_prepared_clauses_round_trip_and_splits_are_disjoint(prepared, smollm2_tokenizer):
   out, clauses, stats = prepared
-  path = os.path.join(out, "telecom_corpus", "1.0.0")
-  by_split = {s: make_source({"type": "tfds", "path": path, "split": s}) for s in ("train", "eval")}
-  records = {s: [src[i] for i in range(len(src))] for s, src in by_split.items()}
+  records = split_records(out)
   ids = {s: {r["id"] for r in recs} for s, recs in records.items()}
-  assert ids["train"] and ids["eval"] and not ids["train"] & ids["eval"]
+  assert ids["train"] and ids["eval"] and ids["eval_spec"]
+  assert not ids["train"] & ids["eval"] and not (ids["train"] | ids["eval"]) & ids["eval_spec"]
   expected = {c.id: c.text for c in clauses}
   got = {r["id"]: r for recs in records.values() for r in recs}
   assert set(got) == set(expected)
@@ -245,6 +252,51 @@ def test_prepared_clauses_round_trip_and_splits_are_disjoint(prepared, smollm2_t
   assert "TS 37.324 5.1" not in got  # a heading with no body of its own
   assert stats["tokens_dropped"]["front_matter"] > 0
   assert sum(stats["documents"].values()) == len(clauses)
+
+
+def test_a_held_out_spec_lands_whole_in_eval_spec_and_never_in_train(prepared, shared_data, smollm2_tokenizer):
+  out, _, stats = prepared
+  records = split_records(out)
+  bap = threegpp.read_specs_file(os.path.join(shared_data, "3gpp", "38.340_BAP_j00.md"))  # the held-out spec alone
+  assert sorted(r["id"] for r in records["eval_spec"]) == sorted(c.id for c in bap)
+  assert not any(r["id"].startswith("TS 38.340 ") for s in ("train", "eval") for r in records[s])
+  assert {" ".join(r["id"].split()[:2]) for r in records["train"]} == {"TS 37.324", "TS 38.202"}
+  want_tokens = sum(len(smollm2_tokenizer(c.text, add_special_tokens=False)["input_ids"]) + 1 for c in bap)  # + EOS
+  assert stats["documents"]["eval_spec"] == len(bap) and stats["tokens"]["eval_spec"] == want_tokens
+  assert stats["specs"] == {"train": 2, "eval": 2, "eval_spec": 1} and stats["heldout_specs"] == ["TS 38.340"]
+  # The raw-Markdown eval source holds out the same documents as the prepared splits.
+  from jaxtele.eval.text_sets import HeldOutClauses
+
+  for holdout, split, tfds_split in (("spec", "eval", "eval_spec"), ("clause", "eval", "eval"),
+                                     ("clause", "train", "train")):
+    got = HeldOutClauses(stats["source"], 0.2, split, holdout=holdout, heldout_specs=["TS 38.340"]).records
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in records[tfds_split]), (holdout, split)
+
+
+def test_held_out_specs_by_fraction_and_by_a_wrong_name(tmp_path, smollm2_tokenizer):
+  """20 hand-written specs; a spec is held out when SHA-256 of its number, as a fraction of 2^64, is < 0.3."""
+  import hashlib
+
+  from jaxtele.eval.text_sets import HeldOutClauses
+
+  for n in range(20):
+    (tmp_path / f"99.{n:03d}_x.md").write_text(f"# 1Scope\nScope of {n}.\n# 2General\nText {n}.\n## 2.1Detail\nMore.\n")
+  held = {f"TS 99.{n:03d}" for n in range(20) if int.from_bytes(hashlib.sha256(f"99.{n:03d}".encode()).digest()[:8],
+                                                                    "big") / 2**64 < 0.3}
+  assert 0 < len(held) < 20
+  kw = dict(eval_fraction=0.3, heldout_spec_fraction=0.3)
+  spec = HeldOutClauses(str(tmp_path), split="eval", holdout="spec", **kw).records
+  train = HeldOutClauses(str(tmp_path), split="train", **kw).records
+  clause = HeldOutClauses(str(tmp_path), split="eval", holdout="clause", **kw).records
+  assert sorted(r["id"] for r in spec) == sorted(f"{s} {c}" for s in held for c in ("1", "2", "2.1"))
+  assert len(spec) + len(train) + len(clause) == 60
+  assert not {" ".join(r["id"].split()[:2]) for r in train + clause} & held
+  with pytest.raises(JaxteleError, match=rf"^{re.escape(str(tmp_path))}: held-out spec 99.999 is not in the corpus"):
+    prepare_3gpp(str(tmp_path), str(tmp_path / "out"), smollm2_tokenizer, VOCAB, heldout_specs="99.001,99.999",
+                 log=lambda s: None)
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(JaxteleError, match="holdout 'spec' needs heldout_specs or heldout_spec_fraction"):
+    HeldOutClauses(str(tmp_path), holdout="spec")
 
 
 def test_prepare_refuses_to_overwrite(prepared, smollm2_tokenizer, shared_data):

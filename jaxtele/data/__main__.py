@@ -1,6 +1,7 @@
 """`python -m jaxtele.data`: prepare corpora, look at batches.
 
-  python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer MODEL --out data/telecom
+  python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer MODEL --out data/telecom \
+      [--heldout-specs 38.101-1,23.502] [--heldout-spec-fraction 0.1]
   python -m jaxtele.data inspect --config configs/quickstart.py [--batches 3]
   python -m jaxtele.data synthetic --out runs/corpus     # the quickstart's generated corpus
 """
@@ -16,7 +17,8 @@ def prepare(args):
   from jaxtele.data.prepare import prepare_3gpp
 
   vocab = model_config(args.tokenizer).vocab_size
-  prepare_3gpp(args.input, args.out, load_tokenizer(args.tokenizer), vocab, args.eval_fraction, args.overwrite)
+  prepare_3gpp(args.input, args.out, load_tokenizer(args.tokenizer), vocab, args.eval_fraction, args.overwrite,
+               heldout_specs=args.heldout_specs, heldout_spec_fraction=args.heldout_spec_fraction)
 
 
 def inspect(args):
@@ -56,7 +58,10 @@ def main(argv=None):
   q.add_argument("--input", required=True, help="folder of 3GPP spec .md files")
   q.add_argument("--tokenizer", required=True, help="model whose tokenizer to use: HF folder, hub id or .gguf")
   q.add_argument("--out", required=True)
-  q.add_argument("--eval-fraction", type=float, default=0.02)
+  q.add_argument("--eval-fraction", type=float, default=0.02, help="clauses held out by id hash (split eval)")
+  q.add_argument("--heldout-specs", default="", help="specs held out whole (split eval_spec): 38.101-1,23.502")
+  q.add_argument("--heldout-spec-fraction", type=float, default=0.0,
+                 help="also hold out whole the specs whose number hashes below this fraction")
   q.add_argument("--overwrite", action="store_true")
   q.set_defaults(fn=prepare)
   i = sub.add_parser("inspect", help="print a few batches of a config's training data")

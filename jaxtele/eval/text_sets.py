@@ -1,26 +1,35 @@
 """Packed text sets for perplexity, built the way the trainer builds `eval.sets` (`jaxtele.data.setup.eval_data`:
 every record once, in order, last batch padded), plus one source only evaluation needs: the held-out clauses of
-raw 3GPP Markdown (`{type: 3gpp, path, eval_fraction}`), the same clauses `python -m jaxtele.data prepare` puts
-in its `eval` split."""
+raw 3GPP Markdown (`{type: 3gpp, path, eval_fraction, holdout, heldout_specs, heldout_spec_fraction}`), the same
+clauses `python -m jaxtele.data prepare` puts in its `eval` split (holdout: clause) or `eval_spec` split (holdout:
+spec) given the same fractions and specs."""
 
 import collections
 import copy
 
 from jaxtele.data import pipeline, threegpp
-from jaxtele.data.prepare import is_eval
+from jaxtele.data.prepare import Holdout
 from jaxtele.data.sources import make_source
 from jaxtele.errors import JaxteleError
 
 
 class HeldOutClauses:
-  """Clause documents of a folder of 3GPP specs whose id falls in the eval split (or the train split)."""
+  """Clause documents of a folder of 3GPP specs in the eval split (or the train split), by the rule of
+  `prepare.Holdout`: holdout `clause` = held-out clauses of the specs not held out, `spec` = held-out specs."""
 
-  def __init__(self, path: str, eval_fraction: float = 0.02, split: str = "eval", limit: int = 0):
+  def __init__(self, path: str, eval_fraction: float = 0.02, split: str = "eval", limit: int = 0,
+               holdout: str = "clause", heldout_specs=(), heldout_spec_fraction: float = 0.0):
     if split not in ("eval", "train"):
       raise JaxteleError(f"{path}: 3gpp split must be 'eval' or 'train', got {split!r}")
+    if holdout not in ("clause", "spec"):
+      raise JaxteleError(f"{path}: 3gpp holdout must be 'clause' or 'spec', got {holdout!r}")
+    rule = Holdout(eval_fraction, heldout_specs, heldout_spec_fraction)
+    if holdout == "spec" and not rule.by_spec:
+      raise JaxteleError(f"{path}: holdout 'spec' needs heldout_specs or heldout_spec_fraction")
     clauses = threegpp.read_specs(path)
-    self.records = [{"id": c.id, "text": c.text} for c in clauses
-                    if is_eval(c.id, eval_fraction) == (split == "eval")]
+    rule.check_named([c.id for c in clauses], path)
+    want = "train" if split == "train" else {"clause": "eval", "spec": "eval_spec"}[holdout]
+    self.records = [{"id": c.id, "text": c.text} for c in clauses if rule.split(c.id) == want]
     if limit:
       self.records = self.records[:limit]
     self.stats = collections.Counter()
@@ -41,7 +50,7 @@ def open_source(spec: dict, where: str):
     return src
   spec.pop("type")
   spec.pop("weight", None)
-  unknown = set(spec) - {"path", "eval_fraction", "split", "limit"}
+  unknown = set(spec) - {"path", "eval_fraction", "split", "limit", "holdout", "heldout_specs", "heldout_spec_fraction"}
   if unknown:
     raise JaxteleError(f"{where}: unknown key {sorted(unknown)[0]!r} for a 3gpp source")
   src = HeldOutClauses(**spec)
