@@ -1,9 +1,9 @@
 """`python -m jaxtele.report RUN_DIR [RUN_DIR ...] [--out DIR] [--domain RE] [--general RE] [--x tokens_seen]`
 
 One Markdown page (DIR/report.md, PNG plots beside it, linked relatively) comparing runs side by side:
-the runs' key settings, final metrics, loss curves, eval perplexities over steps (or tokens seen, tokens per parameter), domain gain vs general
-loss, gradient norms per group, and intruder dimensions from RUN_DIR/diagnostics.json
-(`python -m jaxtele.eval.diagnose`). What a plot needs and no run has is noted on the page, not fatal.
+the runs' key settings, final metrics, loss curves, eval perplexities over steps (or `--x tokens_seen`,
+`tokens_per_param`), domain gain vs general loss, gradient norms per group, and intruder dimensions from
+RUN_DIR/diagnostics.json (`python -m jaxtele.eval.diagnose`). What a plot needs and no run has is noted on the page, not fatal.
 Reads only files (metrics.jsonl, the latest checkpoint's JSON meta, diagnostics.json): no JAX.
 """
 
@@ -245,7 +245,8 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
   page = ["# Run comparison", "", "## Runs", "",
           md_table(["run", "path"] + list(s[0]), [[r.name, r.dir] + list(x.values()) for r, x in zip(runs, s)]),
           "", "## Final metrics", "", final_metrics(runs), ""]
-  plots = [("Loss curves", plot_loss(runs, out_dir)), (f"Eval perplexity over {X_AXES[x]}", plot_eval(runs, out_dir, x)),
+  plots = [("Loss curves", plot_loss(runs, out_dir)),
+           (f"Eval perplexity over {X_AXES[x]}", plot_eval(runs, out_dir, x)),
            ("Domain gain vs general loss", plot_tradeoff(runs, out_dir, domain_re, general_re)),
            ("Gradient norms", plot_grad_norms(runs, out_dir)), ("Intruder dimensions", plot_intruders(runs, out_dir))]
   for title, (png, why) in plots:

@@ -192,3 +192,13 @@ def test_lora_plus_ratio_must_not_be_negative():
 
   with pytest.raises(JaxteleError, match="lora.plus_ratio"):
     make_optimizer(opt_cfg(), 10, plus_ratio=-1.0)
+
+
+def test_config_refuses_a_wsd_run_without_room_for_warmup_and_decay(tiny):
+  from jaxtele.config import validate
+  from jaxtele.errors import JaxteleError
+
+  cfg = tiny("--config.optimizer.schedule=wsd", "--config.optimizer.warmup_ratio=0.5",
+             "--config.optimizer.decay_fraction=0.6")
+  with pytest.raises(JaxteleError, match=r"config: optimizer.decay_fraction: 0.6 \+ optimizer.warmup_ratio \(0.5\)"):
+    validate(cfg, ModelConfig(max_position_embeddings=256), 8)
