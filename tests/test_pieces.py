@@ -80,7 +80,21 @@ def test_text_pieces_are_the_tokenizer_ids_cut_at_rows(tmp_path, doc_tok):
   assert got == want and [pieces.document(i) for i in range(len(pieces))] == [0] * (len(want) - 2) + [1, 2]
 
 
-def _cfg(path):
+def _cfg(path, **source):
   cfg = pipeline.default_config()
-  cfg.sources = [{"type": "jsonl", "path": path}]
+  cfg.sources = [{"type": "jsonl", "path": path, **source}]
   return cfg
+
+
+def test_token_pieces_are_the_record_cut_at_rows(tmp_path, doc_tok):
+  """Long records (held in memory) and short ones (read when drawn) give the ids cut every SEQ pairs, in order."""
+  from jaxtele.data.pieces import DocumentPieces
+
+  docs = [list(range(1, 2 * SEQ + 11)), list(range(100, 140)), [7]]
+  path = tmp_path / "k.jsonl"
+  path.write_text("".join(json.dumps({"tokens": d}) + "\n" for d in docs))
+  src = pipeline.open_sources(_cfg(str(path), fields=["tokens"]))[0][0]
+  pieces = DocumentPieces(src, pipeline.Formatter("tokens", doc_tok, "alpaca"), SEQ)
+  want = [docs[0][:SEQ + 1], docs[0][SEQ:2 * SEQ + 1], docs[0][2 * SEQ:], docs[1]]  # [7] has no pair
+  got = [pieces[i]["tokens"].tolist() + pieces[i]["targets"][-1:].tolist() for i in range(len(pieces))]
+  assert got == want and pieces.held.tolist() == [True, False, False]

@@ -5,9 +5,10 @@ rows: it fills many steps in a row. Here the shuffle permutes pieces. A piece is
 anyway (`packing.split_example`: pairs [k L, (k + 1) L) of a document's next-token pairs), so the packed rows
 hold the same pieces, only in another order.
 
-Building the index is one pass over this process's shard at start: a `tokens` source is read (its ids are
-validated then) and keeps only (document, offset) pairs; a `text` source is tokenized once and its ids are
-held in memory (4 bytes per token), which is also what the steps then read instead of tokenizing again.
+Building the index is one pass over this process's shard at start. A `text` source is tokenized once and its
+ids are held in memory (4 bytes per token); the steps slice them instead of tokenizing again. A `tokens` source
+is read (its ids are validated then) and holds in memory only the documents of more than one piece, so a piece
+of a long document never re-reads the whole record; one-piece documents are read when drawn.
 """
 
 import numpy as np
@@ -31,11 +32,20 @@ class DocumentPieces:
         ids += batch
         lengths += [len(x) for x in batch]
       self.ids = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
+      self.held = np.ones(n, bool)
     else:
-      self.ids = None
-      lengths = [len(fmt(records[i])["tokens"]) + 1 for i in range(n)]
+      ids, lengths = [], []
+      for i in range(n):
+        ex = fmt(records[i])
+        lengths.append(len(ex["tokens"]) + 1)
+        if len(ex["tokens"]) > seq_len:  # held: a long document is drawn once per piece
+          ids.append(np.concatenate([ex["tokens"], ex["targets"][-1:]]))
+        else:
+          ids.append(np.zeros(0, np.int32))
+      self.held = np.asarray([len(x) > 0 for x in ids])
+      self.ids = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
     lengths_N = np.asarray(lengths, np.int64)
-    self.offsets = np.concatenate([[0], np.cumsum(lengths_N)])
+    self.offsets = np.concatenate([[0], np.cumsum(np.where(self.held, lengths_N, 0))])  # into self.ids
     pairs_N = np.maximum(lengths_N - 1, 0)  # a 1-token document has no pair and no piece
     pieces_N = -(-pairs_N // seq_len)
     self.doc_P = np.repeat(np.arange(n), pieces_N)
@@ -47,7 +57,7 @@ class DocumentPieces:
 
   def __getitem__(self, i):
     d, start = int(self.doc_P[i]), int(self.start_P[i])
-    if self.ids is not None:
+    if self.held[d]:
       doc = self.ids[self.offsets[d]:self.offsets[d + 1]]
       return lm_example(doc[start:start + self.seq_len + 1])
     ex = self.fmt(self.records[d])
