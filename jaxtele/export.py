@@ -61,7 +61,8 @@ def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None
   if fmt == "adapter":
     if not lora_paths(model):
       raise JaxteleError("--format adapter: the source has no LoRA adapters (it is not a LoRA run)")
-    peft.save_adapter(model, folder, rslora=bool((lora or {}).get("rslora")), base_model=base)
+    peft.save_adapter(model, folder, rslora=bool((lora or {}).get("rslora")), base_model=base,
+                      modules_to_save=(lora or {}).get("modules_to_save", ()))
     return
   merge_lora(model, dequantize=dequantize)
   if fmt == "hf":
@@ -93,6 +94,16 @@ def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str
   return os.path.abspath(folder)
 
 
+def run_lora_info(cfg) -> dict:
+  """What an adapter export of a run needs: rsLoRA, and the whole modules it trained (PEFT modules_to_save)."""
+  from jaxtele.build import model_config
+  from jaxtele.models.lora import saved_modules
+
+  wants = cfg.lora.get("train_embeddings", False) or cfg.lora.get("train_head", False)
+  tied = model_config(cfg.model).tie_word_embeddings if wants else False
+  return {"rslora": cfg.lora.rslora, "modules_to_save": saved_modules(cfg.lora, tied) if wants else []}
+
+
 def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -> dict:
   """A run's exports as its config asks, under `root` (default `run_dir/export/`): `hf` (full FT);
   `adapter` (+ `base` when needed) and `merged` (LoRA)."""
@@ -100,7 +111,7 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
 
   root = root or os.path.join(cfg.run_dir, "export")
   dtype = cfg.export.dtype or cfg.model.param_dtype
-  lora = {"rslora": cfg.lora.rslora}
+  lora = run_lora_info(cfg)
   dequantize = cfg.lora.get("quantize_base", "none") not in (None, "none")
   jobs = []
   if cfg.train.mode == "full" and cfg.export.hf:
@@ -135,7 +146,8 @@ def load_adapter_source(source: str, base: str | None):
     raise JaxteleError(f"{source}: the adapter names no base model; pass --base")
   pre = load_pretrained(base)
   load_adapter(pre.model, source)
-  return pre.model, pre.tokenizer, {"rslora": bool(config.get("use_rslora"))}, base
+  info = {"rslora": bool(config.get("use_rslora")), "modules_to_save": config["modules_to_save"]}
+  return pre.model, pre.tokenizer, info, base
 
 
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
@@ -161,7 +173,7 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
 
     cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
     model = nnx.merge(graphdef, params, frozen)
-    lora = {"rslora": cfg.lora.rslora}
+    lora = run_lora_info(cfg)
     if fmt == "adapter" and cfg.train.mode == "lora":
       # Beside the adapter, not inside it: `out` is replaced as a whole.
       adapter_on = adapter_base(cfg, graphdef, params, frozen, out.rstrip("/") + "-base", tokenizer,
