@@ -78,7 +78,7 @@ def split_model(model: Decoder, cfg):
   Other frozen state (NF4 codes and scales, PiSSA's initial factors) keeps its dtype.
   """
   extra = extra_pattern(cfg.lora, model.config.tie_word_embeddings) if cfg.train.mode == "lora" else ""
-  check_extra(model, extra)
+  check_extra(model, cfg.lora.extra_trainable if cfg.train.mode == "lora" else "")
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, extra), ...)
   base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
   params = jax.tree.map(lambda x: cast(x, jnp.float32), nnx.to_pure_dict(trainable))

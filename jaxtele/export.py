@@ -189,22 +189,55 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
   print(f"exported {source} -> {out} ({fmt}{', base ' + adapter_on if adapter_on else ''})")
 
 
+def export_merged(folders: str, weights: str, out: str, fmt: str = "adapter", method: str = "linear",
+                  base: str | None = None, overwrite: bool = False, dtype: str | None = None, **kw):
+  """`--merge-adapters a,b --weights 0.5,0.5`: PEFT adapters on one base merged (models/merge.py) into one
+  adapter (`--format adapter`) or a merged model (any other format)."""
+  from jaxtele.convert.peft import merge_folders
+
+  paths = [f for f in folders.split(",") if f]
+  try:
+    ws = [float(w) for w in weights.split(",")] if weights else [1.0 / len(paths)] * len(paths)
+  except ValueError:
+    raise JaxteleError(f"--weights: not a comma-separated list of numbers: {weights!r}") from None
+  if len(ws) != len(paths):
+    raise JaxteleError(f"--weights: {len(ws)} weights for {len(paths)} adapters")
+  model, tokenizer, base = merge_folders(paths, ws, method, base, as_adapter=fmt == "adapter", **kw)
+  with atomic_output_dir(out, overwrite) as tmp:
+    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, base=os.path.abspath(base) if os.path.isdir(base)
+          else base)
+  print(f"merged {len(paths)} adapters ({method}) -> {out} ({fmt})")
+
+
 @cli
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jaxtele.export", description=__doc__.split("\n")[0])
-  p.add_argument("--source", required=True,
+  p.add_argument("--source", default=None,
                  help="HF folder, HF hub id, .gguf, jaxtele folder, run directory or PEFT adapter folder")
   p.add_argument("--base", default=None, help="PEFT adapter sources: the base model (default: the adapter's)")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--format", default="hf", choices=FORMATS)
+  p.add_argument("--format", default=None, choices=FORMATS, help="default: hf (adapter with --merge-adapters)")
   p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
   p.add_argument("--step", type=int, default=None, help="run directories: the checkpoint step (default: latest)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--dequantize", action="store_true", help="allow merging adapters into an NF4 base (as floats)")
   p.add_argument("--quant", default="f16", help="--format gguf: f16 | bf16 | q8_0 | f32 (default f16)")
+  p.add_argument("--merge-adapters", default=None, help="PEFT adapter folders a,b,... on one base: merge them")
+  p.add_argument("--weights", default=None, help="--merge-adapters: one weight each (default: equal, summing to 1)")
+  p.add_argument("--method", default="linear", help="--merge-adapters: linear | ties | dare | dare_ties")
+  p.add_argument("--density", type=float, default=1.0, help="ties: the fraction of each delta kept by magnitude")
+  p.add_argument("--drop", type=float, default=0.0, help="dare: the probability an entry is dropped")
+  p.add_argument("--seed", type=int, default=0, help="dare: the seed of the drop masks")
+  p.add_argument("--rank", type=int, default=None, help="ties/dare as an adapter: its rank (default: summed)")
   args = p.parse_args(argv)
-  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step, args.base, args.dequantize,
-         args.quant)
+  if args.merge_adapters:
+    export_merged(args.merge_adapters, args.weights, args.out, args.format or "adapter", args.method, args.base,
+                  args.overwrite, args.dtype, density=args.density, drop=args.drop, seed=args.seed, rank=args.rank)
+    return
+  if not args.source:
+    raise JaxteleError("--source is required (or --merge-adapters)")
+  export(args.source, args.out, args.format or "hf", args.dtype, args.overwrite, args.step, args.base,
+         args.dequantize, args.quant)
 
 
 if __name__ == "__main__":

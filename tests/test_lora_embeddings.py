@@ -136,3 +136,19 @@ def test_embedding_lr_and_table_and_unmatched_extra():
   np.testing.assert_allclose(d_b[d_b > 0], 1e-3, rtol=1e-4)
   with pytest.raises(JaxteleError, match="lora.extra_trainable: 're_nothing' matches no parameter"):
     check_extra(model, "re_nothing")
+
+
+def test_a_lora_run_trains_the_tied_embedding_and_prints_what_trains(tiny, capsys):
+  from jaxtele.train import run
+
+  cfg = tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.lora.train_head=True",
+             "--config.lora.embedding_lr=1e-2", "--config.train.steps=2", "--config.eval.max_batches=1")
+  res = run(cfg)
+  err = capsys.readouterr().err
+  table = err[err.index("group"):].splitlines()[:6]
+  assert [r.split()[0] for r in table] == ["group", "adapters", "embeddings", "head", "norms", "base"]
+  assert table[2].split()[1] == f"{264 * 32:,}" and "tied" in table[2]  # the one tied tensor, trained
+  assert table[3].split()[1:3] == ["0", "0"]  # no separate head exists
+  assert set(res["state"]["params"]) >= {"embed_tokens", "layers"} and "lm_head" not in res["state"]["params"]
+  with pytest.raises(JaxteleError, match="lora.extra_trainable: 'nothing_here' matches no parameter"):
+    run(tiny("--config.train.mode=lora", "--config.lora.extra_trainable=nothing_here"))

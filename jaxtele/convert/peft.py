@@ -232,3 +232,33 @@ def load_adapter(model, adapter_dir: str, name: str = DEFAULT):
     attach(mods[module], name, adapter)
   set_modules(model, read_modules(adapter_dir, config["modules_to_save"]), config["modules_to_save"], where)
   return model
+
+
+def merge_folders(folders, weights, method: str = "linear", base: str | None = None, *, as_adapter: bool = True,
+                  **kw):
+  """PEFT adapter folders on one base, merged (models/merge.py) into that base's adapter `default` (as_adapter)
+  or into its kernels. -> (model, tokenizer, base source)."""
+  from jaxtele.convert import load_pretrained
+  from jaxtele.models import merge
+
+  configs = [read_config(f) for f in folders]
+  for f, c in zip(folders, configs, strict=True):
+    if c["modules_to_save"]:
+      raise JaxteleError(f"{os.path.join(f, CONFIG)}: adapters with modules_to_save cannot be merged "
+                         "(their whole modules would overwrite each other)")
+  base = base or configs[0].get("base_model_name_or_path") or ""
+  if not base:
+    raise JaxteleError(f"{folders[0]}: the adapter names no base model; pass --base")
+  pre = load_pretrained(base)
+  names = [f"source{i}" for i in range(len(folders))]
+  for f, n in zip(folders, names, strict=True):
+    load_adapter(pre.model, f, n)
+  if not as_adapter:
+    return merge.fold_merge(pre.model, names, weights, method, **{k: v for k, v in kw.items() if k != "rank"}), \
+        pre.tokenizer, base
+  merge.merge_adapters(pre.model, names, weights, method, out=DEFAULT, **kw)
+  for lin in linears(pre.model).values():
+    for n in names:
+      lin.adapters.pop(n, None)
+    lin.active = DEFAULT if DEFAULT in lin.adapters else None
+  return pre.model, pre.tokenizer, base
