@@ -70,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "require": "any"},
       "checkpoint": {"every": 100, "keep": 3, "async_save": True, "resume": True},
       "export": {"hf": False, "adapter": False, "merged": False, "dtype": FieldReference(None, field_type=str)},
+      # Weights & Biases beside metrics.jsonl (same keys): an empty project turns it off; offline needs no network.
+      "metrics": {"wandb": {"project": "", "name": "", "entity": "", "mode": "offline"}},
   })
   cfg.lock()  # recipes and overrides may change values, never add keys: a typo fails loudly
   return cfg
@@ -162,6 +164,8 @@ RULES = {
     "mesh.data": Rule(int, lo=-1), "mesh.fsdp": Rule(int, lo=-1), "mesh.tensor": Rule(int, lo=-1),
     "mesh.require": choice(*PLATFORMS),
     "checkpoint.every": POSITIVE, "checkpoint.keep": POSITIVE, "checkpoint.async_save": BOOL, "checkpoint.resume": BOOL,
+    "metrics.wandb.project": STR, "metrics.wandb.name": STR, "metrics.wandb.entity": STR,
+    "metrics.wandb.mode": choice("offline", "online", "disabled"),
     "export.hf": BOOL, "export.adapter": BOOL, "export.merged": BOOL,
     "export.dtype": Rule(str, choices=("float32", "bfloat16", "float16"), optional=True),
 }

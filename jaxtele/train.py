@@ -130,7 +130,8 @@ def setup(cfg) -> Setup:
   throughput = Throughput(flops_per_token(model_cfg, cfg.data.seq_len, cfg.train.mode, adapter_params))
   return Setup(cfg, log, mesh, tokenizer, graphdef, state, frozen, state_sh, frozen_sh, lr_schedule, ckpt, meta,
                latest, data_iter, eval_sets, train_step, jax.jit(make_eval_step(graphdef, **loss)),
-               MetricsWriter(cfg.run_dir, main_process), throughput)
+               MetricsWriter(cfg.run_dir, main_process, wandb=cfg.get("metrics", {}).get("wandb"),
+                             config=cfg.to_dict()), throughput)
 
 
 def run_evaluation(s: Setup, step: int) -> dict:
