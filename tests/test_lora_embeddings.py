@@ -142,8 +142,11 @@ def test_a_lora_run_trains_the_tied_embedding_and_prints_what_trains(tiny, capsy
   from jaxtele.train import run
 
   cfg = tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.lora.train_head=True",
-             "--config.lora.embedding_lr=1e-2", "--config.train.steps=2", "--config.eval.max_batches=1")
+             "--config.lora.embedding_lr=1e-2", "--config.train.steps=2", "--config.eval.max_batches=1",
+             "--config.export.adapter=True")
   res = run(cfg)
+  config = read_config(str(cfg.run_dir) + "/export/adapter")  # the tied embedding travels as modules_to_save
+  assert config["modules_to_save"] == ["embed_tokens"] and config["ensure_weight_tying"] is True
   err = capsys.readouterr().err
   table = err[err.index("group"):].splitlines()[:6]
   assert [r.split()[0] for r in table] == ["group", "adapters", "embeddings", "head", "norms", "base"]

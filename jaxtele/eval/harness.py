@@ -21,10 +21,17 @@ import os
 import sys
 
 import numpy as np
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+try:
+  from lm_eval.api.model import TemplateLM
+  from lm_eval.api.registry import register_model
+  from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+  from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # an optional extra: say how to get it
+  if __name__ == "__main__":
+    print("error: lm-eval is not installed (pip install -e '.[lmeval]')", file=sys.stderr)
+    sys.exit(2)
+  raise ImportError("jaxtele.eval.harness needs lm-eval: pip install -e '.[lmeval]'") from e
 
 from jaxtele.errors import JaxteleError
 from jaxtele.eval.generate import Sampling, decode_until_stop, generate
