@@ -14,7 +14,8 @@ from jaxtele.data.byte_tokenizer import byte_tokenizer
 from jaxtele.errors import JaxteleError
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
-from jaxtele.models.lora import QUANTIZERS, add_lora, merge_lora, quantize_base, trainable_filter
+from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_pattern, merge_lora, quantize_base,
+                                 trainable_filter)
 
 
 def runtime(mcfg) -> dict:
@@ -76,7 +77,9 @@ def split_model(model: Decoder, cfg):
   Trainable leaves are fp32 master weights; the frozen base's float Params are stored in `lora.base_dtype`.
   Other frozen state (NF4 codes and scales, PiSSA's initial factors) keeps its dtype.
   """
-  graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, cfg.lora.extra_trainable), ...)
+  extra = extra_pattern(cfg.lora, model.config.tie_word_embeddings) if cfg.train.mode == "lora" else ""
+  check_extra(model, cfg.lora.extra_trainable if cfg.train.mode == "lora" else "")
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, extra), ...)
   base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
   params = jax.tree.map(lambda x: cast(x, jnp.float32), nnx.to_pure_dict(trainable))
 

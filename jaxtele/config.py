@@ -63,7 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
                "variant": "lora",  # lora | dora | pissa (init from W's top singular directions)
                "dropout": 0.0,  # on the adapter input, training only
                "plus_ratio": 0.0,  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
-               "quantize_base": "none", "double_quant": False},  # nf4: QLoRA
+               "quantize_base": "none", "double_quant": False,  # nf4: QLoRA
+               # Whole embedding / head trained beside the adapters (PEFT modules_to_save; a tied pair is one
+               # tensor); embedding_lr > 0: their peak learning rate (same schedule shape), 0: optimizer.lr.
+               "train_embeddings": False, "train_head": False, "embedding_lr": 0.0},
       "optimizer": {"lr": 1e-4, "schedule": "cosine", "warmup_ratio": 0.03, "final_lr_ratio": 0.1,
                     "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip": 1.0,
                     "decay_fraction": 0.2, "decay_shape": "sqrt"},  # wsd: the final decay's share and shape
@@ -71,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "require": "any"},
       "checkpoint": {"every": 100, "keep": 3, "async_save": True, "resume": True},
       "export": {"hf": False, "adapter": False, "merged": False, "dtype": FieldReference(None, field_type=str)},
+      # Weights & Biases beside metrics.jsonl (same keys): an empty project turns it off; offline needs no network.
+      "metrics": {"wandb": {"project": "", "name": "", "entity": "", "mode": "offline"}},
   })
   cfg.lock()  # recipes and overrides may change values, never add keys: a typo fails loudly
   return cfg
@@ -156,6 +161,7 @@ RULES = {
     "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES), "lora.variant": choice(*VARIANTS),
     "lora.dropout": Rule(float, lo=0.0, hi=1.0, hi_open=True), "lora.plus_ratio": Rule(float, lo=0.0),
     "lora.quantize_base": choice(*QUANTIZERS), "lora.double_quant": BOOL,
+    "lora.train_embeddings": BOOL, "lora.train_head": BOOL, "lora.embedding_lr": Rule(float, lo=0.0),
     "optimizer.lr": Rule(float, lo=0.0, lo_open=True), "optimizer.schedule": choice(*SCHEDULES),
     "optimizer.warmup_ratio": UNIT_OPEN, "optimizer.final_lr_ratio": Rule(float, lo=0.0, hi=1.0),
     "optimizer.weight_decay": Rule(float, lo=0.0), "optimizer.b1": UNIT_OPEN, "optimizer.b2": UNIT_OPEN,
@@ -164,6 +170,8 @@ RULES = {
     "mesh.data": Rule(int, lo=-1), "mesh.fsdp": Rule(int, lo=-1), "mesh.tensor": Rule(int, lo=-1),
     "mesh.require": choice(*PLATFORMS),
     "checkpoint.every": POSITIVE, "checkpoint.keep": POSITIVE, "checkpoint.async_save": BOOL, "checkpoint.resume": BOOL,
+    "metrics.wandb.project": STR, "metrics.wandb.name": STR, "metrics.wandb.entity": STR,
+    "metrics.wandb.mode": choice("offline", "online", "disabled"),
     "export.hf": BOOL, "export.adapter": BOOL, "export.merged": BOOL,
     "export.dtype": Rule(str, choices=("float32", "bfloat16", "float16"), optional=True),
 }

@@ -61,7 +61,8 @@ def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None
   if fmt == "adapter":
     if not lora_paths(model):
       raise JaxteleError("--format adapter: the source has no LoRA adapters (it is not a LoRA run)")
-    peft.save_adapter(model, folder, rslora=bool((lora or {}).get("rslora")), base_model=base)
+    peft.save_adapter(model, folder, rslora=bool((lora or {}).get("rslora")), base_model=base,
+                      modules_to_save=(lora or {}).get("modules_to_save", ()))
     return
   merge_lora(model, dequantize=dequantize)
   if fmt == "hf":
@@ -93,6 +94,16 @@ def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str
   return os.path.abspath(folder)
 
 
+def run_lora_info(cfg) -> dict:
+  """What an adapter export of a run needs: rsLoRA, and the whole modules it trained (PEFT modules_to_save)."""
+  from jaxtele.build import model_config
+  from jaxtele.models.lora import saved_modules
+
+  wants = cfg.lora.get("train_embeddings", False) or cfg.lora.get("train_head", False)
+  tied = model_config(cfg.model).tie_word_embeddings if wants else False
+  return {"rslora": cfg.lora.rslora, "modules_to_save": saved_modules(cfg.lora, tied) if wants else []}
+
+
 def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -> dict:
   """A run's exports as its config asks, under `root` (default `run_dir/export/`): `hf` (full FT);
   `adapter` (+ `base` when needed) and `merged` (LoRA)."""
@@ -100,7 +111,7 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
 
   root = root or os.path.join(cfg.run_dir, "export")
   dtype = cfg.export.dtype or cfg.model.param_dtype
-  lora = {"rslora": cfg.lora.rslora}
+  lora = run_lora_info(cfg)
   dequantize = cfg.lora.get("quantize_base", "none") not in (None, "none")
   jobs = []
   if cfg.train.mode == "full" and cfg.export.hf:
@@ -135,7 +146,8 @@ def load_adapter_source(source: str, base: str | None):
     raise JaxteleError(f"{source}: the adapter names no base model; pass --base")
   pre = load_pretrained(base)
   load_adapter(pre.model, source)
-  return pre.model, pre.tokenizer, {"rslora": bool(config.get("use_rslora"))}, base
+  info = {"rslora": bool(config.get("use_rslora")), "modules_to_save": config["modules_to_save"]}
+  return pre.model, pre.tokenizer, info, base
 
 
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
@@ -161,7 +173,7 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
 
     cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
     model = nnx.merge(graphdef, params, frozen)
-    lora = {"rslora": cfg.lora.rslora}
+    lora = run_lora_info(cfg)
     if fmt == "adapter" and cfg.train.mode == "lora":
       # Beside the adapter, not inside it: `out` is replaced as a whole.
       adapter_on = adapter_base(cfg, graphdef, params, frozen, out.rstrip("/") + "-base", tokenizer,
@@ -177,22 +189,55 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
   print(f"exported {source} -> {out} ({fmt}{', base ' + adapter_on if adapter_on else ''})")
 
 
+def export_merged(folders: str, weights: str, out: str, fmt: str = "adapter", method: str = "linear",
+                  base: str | None = None, overwrite: bool = False, dtype: str | None = None, **kw):
+  """`--merge-adapters a,b --weights 0.5,0.5`: PEFT adapters on one base merged (models/merge.py) into one
+  adapter (`--format adapter`) or a merged model (any other format)."""
+  from jaxtele.convert.peft import merge_folders
+
+  paths = [f for f in folders.split(",") if f]
+  try:
+    ws = [float(w) for w in weights.split(",")] if weights else [1.0 / len(paths)] * len(paths)
+  except ValueError:
+    raise JaxteleError(f"--weights: not a comma-separated list of numbers: {weights!r}") from None
+  if len(ws) != len(paths):
+    raise JaxteleError(f"--weights: {len(ws)} weights for {len(paths)} adapters")
+  model, tokenizer, base = merge_folders(paths, ws, method, base, as_adapter=fmt == "adapter", **kw)
+  with atomic_output_dir(out, overwrite) as tmp:
+    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, base=os.path.abspath(base) if os.path.isdir(base)
+          else base)
+  print(f"merged {len(paths)} adapters ({method}) -> {out} ({fmt})")
+
+
 @cli
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jaxtele.export", description=__doc__.split("\n")[0])
-  p.add_argument("--source", required=True,
+  p.add_argument("--source", default=None,
                  help="HF folder, HF hub id, .gguf, jaxtele folder, run directory or PEFT adapter folder")
   p.add_argument("--base", default=None, help="PEFT adapter sources: the base model (default: the adapter's)")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--format", default="hf", choices=FORMATS)
+  p.add_argument("--format", default=None, choices=FORMATS, help="default: hf (adapter with --merge-adapters)")
   p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
   p.add_argument("--step", type=int, default=None, help="run directories: the checkpoint step (default: latest)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--dequantize", action="store_true", help="allow merging adapters into an NF4 base (as floats)")
   p.add_argument("--quant", default="f16", help="--format gguf: f16 | bf16 | q8_0 | f32 (default f16)")
+  p.add_argument("--merge-adapters", default=None, help="PEFT adapter folders a,b,... on one base: merge them")
+  p.add_argument("--weights", default=None, help="--merge-adapters: one weight each (default: equal, summing to 1)")
+  p.add_argument("--method", default="linear", help="--merge-adapters: linear | ties | dare | dare_ties")
+  p.add_argument("--density", type=float, default=1.0, help="ties: the fraction of each delta kept by magnitude")
+  p.add_argument("--drop", type=float, default=0.0, help="dare: the probability an entry is dropped")
+  p.add_argument("--seed", type=int, default=0, help="dare: the seed of the drop masks")
+  p.add_argument("--rank", type=int, default=None, help="ties/dare as an adapter: its rank (default: summed)")
   args = p.parse_args(argv)
-  export(args.source, args.out, args.format, args.dtype, args.overwrite, args.step, args.base, args.dequantize,
-         args.quant)
+  if args.merge_adapters:
+    export_merged(args.merge_adapters, args.weights, args.out, args.format or "adapter", args.method, args.base,
+                  args.overwrite, args.dtype, density=args.density, drop=args.drop, seed=args.seed, rank=args.rank)
+    return
+  if not args.source:
+    raise JaxteleError("--source is required (or --merge-adapters)")
+  export(args.source, args.out, args.format or "hf", args.dtype, args.overwrite, args.step, args.base,
+         args.dequantize, args.quant)
 
 
 if __name__ == "__main__":

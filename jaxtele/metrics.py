@@ -1,4 +1,5 @@
-"""Training metrics: throughput and MFU, a progress line on the terminal, `metrics.jsonl` and TensorBoard.
+"""Training metrics: throughput and MFU, a progress line on the terminal, `metrics.jsonl`, TensorBoard and,
+when `metrics.wandb.project` is set, Weights & Biases (the same keys and steps; mode offline needs no network).
 
 MFU (model FLOPs utilisation) = model FLOPs/s / (devices x peak dense bf16 FLOPs/s per device), counted as
 PaLM (appendix B) and MaxText count them. Per input token, with N = parameters in matmuls (lm_head included,
@@ -70,16 +71,33 @@ class Throughput:
     return out
 
 
+def wandb_run(run_dir: str, wandb_cfg, config: dict | None = None):
+  """A W&B run under `run_dir/wandb` (None when no project is set). Runs are kept apart by their own ids."""
+  if not wandb_cfg or not wandb_cfg.get("project"):
+    return None
+  try:
+    import wandb
+  except ImportError:
+    from jaxtele.errors import JaxteleError
+
+    raise JaxteleError("metrics.wandb.project: wandb is not installed (pip install 'jaxtele[wandb]')") from None
+  return wandb.init(project=wandb_cfg["project"], name=wandb_cfg.get("name") or os.path.basename(
+      os.path.abspath(run_dir)), entity=wandb_cfg.get("entity") or None, mode=wandb_cfg.get("mode", "offline"),
+      dir=run_dir, config=config, settings=wandb.Settings(silent=True, console="off"))
+
+
 class MetricsWriter:
-  def __init__(self, run_dir: str, enabled: bool = True):
+  def __init__(self, run_dir: str, enabled: bool = True, wandb=None, config: dict | None = None):
     self.enabled = enabled
     self.start = time.time()
+    self.wb = None
     if enabled:
       os.makedirs(run_dir, exist_ok=True)
       self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
       from tensorboardX import SummaryWriter
 
       self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+      self.wb = wandb_run(run_dir, wandb, config)
 
   def write(self, step: int, metrics: dict, log=None, index: dict | None = None):
     """Append to metrics.jsonl and TensorBoard; `log` also prints the perplexities (evaluations). `index`: what
@@ -94,6 +112,8 @@ class MetricsWriter:
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
+    if self.wb is not None:
+      self.wb.log(metrics, step=step)
 
   def progress(self, step: int, total: int, metrics: dict):
     if not self.enabled:
@@ -111,3 +131,5 @@ class MetricsWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+      if self.wb is not None:
+        self.wb.finish()

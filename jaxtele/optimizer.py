@@ -7,6 +7,8 @@ optax partition with `set_to_zero`, and no zero gradients are materialised for t
 
 LoRA+ (Hayou et al. 2024): `lora_b` leaves get `plus_ratio` times the learning rate of everything else, via
 an optax multi_transform over labels read from the leaf names (0 or 1 = off: the plain chain, same state).
+A LoRA run training its embeddings / head can give them their own peak rate (`lora.embedding_lr`, as CPT
+recipes do): the same schedule shape scaled by embedding_lr / lr, a third label in the same multi_transform.
 """
 
 import jax
@@ -89,16 +91,40 @@ def lora_plus_labels(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg, total_steps: int, plus_ratio: float = 0.0):
-  """AdamW over the trainable leaves; `plus_ratio` > 1 (config `lora.plus_ratio`) turns on LoRA+."""
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+def group_labels(params, plus: bool, embed: bool):
+  """'embed' for base leaves of the embedding / head (when `embed`), 'b' for LoRA B (when `plus`), else 'rest'."""
+  def label(path, _):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if embed and names[0] in EMBEDDING_MODULES and "adapters" not in names:
+      return "embed"
+    return "b" if plus and names[-1] == "lora_b" else "rest"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg, total_steps: int, plus_ratio: float = 0.0, embedding_lr: float = 0.0):
+  """AdamW over the trainable leaves; `plus_ratio` > 1 (config `lora.plus_ratio`) turns on LoRA+;
+  `embedding_lr` > 0 (config `lora.embedding_lr`) is the peak rate of the embedding / head leaves."""
   if plus_ratio < 0:
     raise JaxteleError(f"lora.plus_ratio: must be >= 0 (0 or 1 = off), got {plus_ratio}")
+  if embedding_lr < 0:
+    raise JaxteleError(f"lora.embedding_lr: must be >= 0 (0 = optimizer.lr), got {embedding_lr}")
   lr = schedule(cfg, total_steps)
   adamw = lambda rate: optax.adamw(rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                    mask=decay_mask)
-  if plus_ratio and plus_ratio != 1:
-    ratio = float(plus_ratio)
-    update = optax.multi_transform({"rest": adamw(lr), "b": adamw(lambda step: ratio * lr(step))}, lora_plus_labels)
+  plus, embed = bool(plus_ratio and plus_ratio != 1), bool(embedding_lr)
+  if plus or embed:
+    rates = {"rest": adamw(lr)}
+    if plus:
+      ratio = float(plus_ratio)
+      rates["b"] = adamw(lambda step: ratio * lr(step))
+    if embed:
+      e_ratio = float(embedding_lr) / cfg.lr
+      rates["embed"] = adamw(lambda step: e_ratio * lr(step))
+    update = optax.multi_transform(rates, lambda params: group_labels(params, plus, embed))
   else:
     update = adamw(lr)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip) if cfg.clip > 0 else optax.identity(), update)
@@ -107,5 +133,7 @@ def make_optimizer(cfg, total_steps: int, plus_ratio: float = 0.0):
 
 def run_optimizer(cfg):
   """(tx, lr schedule) of a run config: LoRA+ when a LoRA run sets `lora.plus_ratio`."""
-  plus = cfg.lora.get("plus_ratio", 0.0) if cfg.train.mode == "lora" else 0.0
-  return make_optimizer(cfg.optimizer, cfg.train.steps, plus_ratio=plus)
+  lora = cfg.train.mode == "lora"
+  plus = cfg.lora.get("plus_ratio", 0.0) if lora else 0.0
+  embed = cfg.lora.get("embedding_lr", 0.0) if lora else 0.0
+  return make_optimizer(cfg.optimizer, cfg.train.steps, plus_ratio=plus, embedding_lr=embed)

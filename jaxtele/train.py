@@ -22,6 +22,7 @@ from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval.perplexity import evaluate
 from jaxtele.models.attention import resolve_attention
 from jaxtele.metrics import MetricsWriter, Throughput, flops_per_token
+from jaxtele.models.lora import trainable_table
 from jaxtele.optimizer import run_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, global_batch, host_copy, make_mesh, put
 from jaxtele.step import init_state, make_eval_step, make_train_step
@@ -115,6 +116,8 @@ def setup(cfg) -> Setup:
   n_train = sum(x.size for x in jax.tree.leaves(params))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
   log(f"{cfg.train.mode}: {n_train:,} trainable / {n_train + n_frozen:,} parameters")
+  for line in trainable_table(params, frozen, model_cfg.tie_word_embeddings):
+    log("  " + line)
   if latest is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     state = ckpt.restore(latest, abstract, data_iter if restore_data else None, meta)
@@ -133,7 +136,8 @@ def setup(cfg) -> Setup:
         f"{cfg.train.steps * clock.tokens_per_step:,}; the final evaluation stands in for them")
   return Setup(cfg, log, mesh, tokenizer, graphdef, state, frozen, state_sh, frozen_sh, lr_schedule, ckpt, meta,
                latest, data_iter, eval_sets, train_step, jax.jit(make_eval_step(graphdef, **loss)),
-               MetricsWriter(cfg.run_dir, main_process), throughput, clock)
+               MetricsWriter(cfg.run_dir, main_process, wandb=cfg.get("metrics", {}).get("wandb"),
+                             config=cfg.to_dict()), throughput, clock)
 
 
 def run_evaluation(s: Setup, step: int) -> dict:

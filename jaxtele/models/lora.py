@@ -227,8 +227,74 @@ def strip_adapters(model: Decoder) -> Decoder:
 # What a LoRA run's checkpoint records about its adapters: a resume with other values is refused.
 META_KEYS = {"rank": None, "alpha": None, "targets": None, "rslora": False, "extra_trainable": "", "variant": "lora",
              "dropout": 0.0, "plus_ratio": 0.0, "quantize_base": "none", "double_quant": False}
+# Recorded only when set, so checkpoints written before these keys existed still resume.
+META_KEYS_IF_SET = {"train_embeddings": False, "train_head": False, "embedding_lr": 0.0}
 
 
 def lora_meta(lora_cfg) -> dict:
   """`META_KEYS` read from the `lora` config section (defaults for keys it does not have yet)."""
-  return {k: lora_cfg.get(k, default) for k, default in META_KEYS.items()}
+  meta = {k: lora_cfg.get(k, default) for k, default in META_KEYS.items()}
+  return meta | {k: lora_cfg.get(k) for k, off in META_KEYS_IF_SET.items() if lora_cfg.get(k, off) != off}
+
+
+# --- Base modules trained beside the adapters: embeddings, head, anything `extra_trainable` names. ---
+
+EMBED, HEAD = "embed_tokens", "lm_head"
+
+
+def saved_modules(lora_cfg, tied: bool) -> list[str]:
+  """The whole base modules a LoRA run trains by name (PEFT's `modules_to_save`). A tied head IS the
+  embedding: asking for either trains that one tensor, never an untied copy."""
+  out = []
+  if lora_cfg.get("train_embeddings", False) or (tied and lora_cfg.get("train_head", False)):
+    out.append(EMBED)
+  if lora_cfg.get("train_head", False) and not tied:
+    out.append(HEAD)
+  return out
+
+
+def extra_pattern(lora_cfg, tied: bool) -> str:
+  """One regex over dotted parameter paths: `lora.extra_trainable` plus the named embeddings / head."""
+  parts = [lora_cfg.get("extra_trainable", "") or ""]
+  for m in saved_modules(lora_cfg, tied):
+    parts.append(r"^embed_tokens\.embedding$" if m == EMBED else r"^lm_head\.(kernel|bias)$")
+  return "|".join(f"(?:{p})" for p in parts if p)
+
+
+def param_paths(model) -> list[str]:
+  return [module_name(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def check_extra(model, extra: str, key: str = "lora.extra_trainable"):
+  """A requested extra that selects no parameter is an error, not a run that silently trains adapters only."""
+  if extra and not any(re.search(extra, p) for p in param_paths(model)):
+    raise JaxteleError(f"{key}: {extra!r} matches no parameter of this model")
+
+
+def group_of(path: str) -> str:
+  if ".adapters." in f".{path}.":
+    return "adapters"
+  if path.startswith(EMBED + "."):
+    return "embeddings"
+  if path.startswith(HEAD + "."):
+    return "head"
+  return "norms" if any("norm" in part for part in path.split(".")) else "base"
+
+
+# Frozen bookkeeping that is no parameter of the model (PiSSA's initial factors, a pre-merge kernel, NF4 scales).
+NOT_PARAMS = ("lora_a0", "lora_b0", "premerge", "absmax", "absmax_q", "absmax_scale", "absmax_offset")
+
+
+def trainable_table(trainable: dict, frozen: dict, tied: bool = False) -> list[str]:
+  """Lines of a table: parameters by group (adapters, embeddings, head, norms, base), trained and frozen."""
+  counts = {g: [0, 0] for g in ("adapters", "embeddings", "head", "norms", "base")}
+  for col, tree in ((0, trainable), (1, frozen)):
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+      if names[-1] not in NOT_PARAMS:
+        counts[group_of(".".join(names))][col] += int(np.prod(x.shape))
+  lines = [f"{'group':<11}{'trained':>14}{'frozen':>14}"]
+  for g, (t, f) in counts.items():
+    note = "  (tied: the head is the embedding)" if tied and g == "embeddings" else ""
+    lines.append(f"{g:<11}{t:>14,}{f:>14,}{note}")
+  return lines
