@@ -104,3 +104,31 @@ def test_mcq_loglik_on_teleqna_matches_transformers(smollm2, smollm2_hf, shared_
     assert rec["pred"] == int(np.argmax(want))
   assert worst < 1e-3, worst
   assert summary["raw"]["items"] == 3
+
+
+def test_answer_continues_a_custom_prompt_with_a_space_as_transformers_scores_it(smollm2, smollm2_hf):
+  """A template ending in a non-space: the answer is scored as prompt + " " + answer tokenised as one text by the
+  exported tokenizer (what `transformers` users score), plus EOS; the label counts the end tokens."""
+  import transformers
+
+  folder, ref = smollm2_hf
+  hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+  doc_tok = DocTokenizer(smollm2.tokenizer, smollm2.model.config.vocab_size)
+  template = "Question: {question}\nAnswer:"
+  qa = [{"question": "What is the capital of France?", "answer": "Paris"},
+        {"question": "What does AMF stand for?", "answer": "Access and Mobility Management Function"}]
+  got = answers.answer_perplexity(smollm2.model, doc_tok, qa, template, batch_size=2)
+  total, count, nbytes = 0.0, 0, 0
+  for it in qa:
+    prompt = template.format(question=it["question"])
+    head = [doc_tok.bos_id] if doc_tok.bos_id is not None else []
+    p_ids = head + hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = head + hf_tok(prompt + " " + it["answer"], add_special_tokens=False)["input_ids"] + [hf_tok.eos_token_id]
+    assert ids[:len(p_ids)] == p_ids
+    nll = hf_nll(ref, ids)[len(p_ids) - 1:]
+    total, count, nbytes = total + nll.sum(), count + len(ids) - len(p_ids), nbytes + len(" " + it["answer"])
+  assert got["tokens"] == count and got["end_tokens"] == len(qa) and got["score_end_token"]
+  assert abs(got["ppl"] / np.exp(total / count) - 1) < 1e-3, (got["ppl"], np.exp(total / count))
+  assert abs(got["bpb"] / (total / np.log(2) / nbytes) - 1) < 1e-3
+  bare = answers.answer_perplexity(smollm2.model, doc_tok, qa, template, batch_size=2, score_end=False)
+  assert bare["tokens"] == count - len(qa) and bare["end_tokens"] == 0 and not bare["score_end_token"]

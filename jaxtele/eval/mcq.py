@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from jaxtele.eval import prompts
+from jaxtele.eval.prompts import continuation
 from jaxtele.eval.score import sequence_nll
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -28,10 +29,6 @@ def accuracy(hits) -> dict:
   n, k = len(hits), int(sum(hits))
   lo, hi = wilson(k, n)
   return {"accuracy": k / n if n else 0.0, "ci95": [lo, hi], "correct": k, "items": n}
-
-
-def continuation(context: str, option: str) -> str:
-  return option if context[-1:].isspace() else " " + option
 
 
 def option_sequences(items, template: str, doc_tok):

@@ -36,6 +36,13 @@ def _ci(acc: dict) -> str:
   return f"{acc['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _scored(ap: dict) -> str:
+  """What the answer perplexity scored: answer tokens only, or with the closing end token (and how many)."""
+  if not ap.get("score_end_token"):
+    return f"{ap['tokens']} answer tokens only (end token not scored)"
+  return f"{ap['tokens']} tokens: the answers and their end token ({ap.get('end_tokens', ap['items'])} of them)"
+
+
 def markdown(results: dict) -> str:
   m = results["model"]
   lines = [f"# Evaluation of `{m['source']}`", "", f"{m['kind']}" + (f", step {m['step']}" if m.get("step") else "")]
@@ -69,6 +76,9 @@ def markdown(results: dict) -> str:
       cells = [f"{ap['ppl']:.3f}" if ap else "-", f"{ap['bpb']:.4f}" if ap else "-",
                f"{gen['f1']:.3f}" if gen else "-", f"{gen['exact_match']:.3f}" if gen else "-"]
       lines.append(f"| {name} | `{r['template']!r}` | " + " | ".join(cells) + " |")
+    for name, r in results["open_qa"].items():
+      if r.get("answer_ppl"):
+        lines += ["", f"{name}: answer perplexity over {_scored(r['answer_ppl'])}."]
   if results.get("forgetting"):
     f = results["forgetting"]
     lines += ["", f"## Forgetting (against `{f['base']}`)", "", "| set | base ppl | tuned ppl | delta | ratio |",
