@@ -132,3 +132,39 @@ def test_answer_continues_a_custom_prompt_with_a_space_as_transformers_scores_it
   assert abs(got["bpb"] / (total / np.log(2) / nbytes) - 1) < 1e-3
   bare = answers.answer_perplexity(smollm2.model, doc_tok, qa, template, batch_size=2, score_end=False)
   assert bare["tokens"] == count - len(qa) and bare["end_tokens"] == 0 and not bare["score_end_token"]
+
+
+def test_letter_choice_matches_transformers_next_letter(smollm2, smollm2_hf, shared_data):
+  """Options listed A-E, the letter scored: `transformers`' next-token log-probs of " A".." E" after a prompt
+  ending in "Answer:", of "A".."E" after ChatML's "assistant\\n" (the one continuation rule)."""
+  import transformers
+
+  folder, ref = smollm2_hf
+  hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+  doc_tok = DocTokenizer(smollm2.tokenizer, smollm2.model.config.vocab_size)
+  pool = items.load_items({"path": f"{shared_data}/teleqna/TeleQnA.json", "categories": list(items.STANDARDS)},
+                          "mcq", "t")
+  above = [it for it in pool if it["options"][it["answer"]].lower().startswith("all of the above")]
+  its = above[:2] + pool[:1]
+  for template, it, rec in letter_records(smollm2.model, doc_tok, its):
+    listed = "\n".join(f"{'ABCDE'[j]}. {o}" for j, o in enumerate(it["options"]))
+    if template == "chatml":
+      user = f"{it['question']}\n\n{listed}\n\nAnswer with the letter of the correct option."
+      prompt, space = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", ""
+    else:
+      prompt, space = f"Question: {it['question']}\n{listed}\nAnswer:", " "
+    ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    letters = [hf_tok(space + "ABCDE"[j], add_special_tokens=False)["input_ids"] for j in range(len(it["options"]))]
+    assert all(len(x) == 1 for x in letters)
+    with torch.no_grad():
+      logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+    want = logp[[x[0] for x in letters]]
+    np.testing.assert_allclose(rec["loglik"], want, rtol=1e-3)
+    assert rec["pred"] == int(np.argmax(want))
+
+
+def letter_records(model, doc_tok, its):
+  for template in (mcq.LETTER_TEMPLATE, "chatml"):
+    summary, records = mcq.evaluate(model, doc_tok, its, template, batch_size=4, style="letter")
+    assert summary["style"] == "letter" and summary["raw"]["items"] == len(its)
+    yield from ((template, it, rec) for it, rec in zip(its, records, strict=True))

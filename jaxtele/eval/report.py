@@ -52,12 +52,17 @@ def markdown(results: dict) -> str:
       bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
       lines.append(f"| {name} | {r['ppl']:.3f} | {bpb} | {int(r['tokens']):,} |")
   if results.get("mcq"):
-    lines += ["", "## Multiple choice (accuracy, 95% Wilson interval)", "",
-              "| set | category | items | raw | length-normalised | chance |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Multiple choice (accuracy, 95% Wilson interval; baselines on the same items)", "",
+              "| set | style | slice | items | raw | length-normalised | chance | longest option | shortest option |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["mcq"].items():
-      lines.append(f"| {name} | all | {r['raw']['items']} | {_ci(r['raw'])} | {_ci(r['norm'])} | {r['chance']:.3f} |")
-      for cat, c in r["per_category"].items():
-        lines.append(f"| {name} | {cat} | {c['raw']['items']} | {_ci(c['raw'])} | {_ci(c['norm'])} | |")
+      slices = [("all", r)] + [(f"category: {k}", v) for k, v in r["per_category"].items()]
+      slices += [(f"tag: {k}", v) for k, v in r.get("per_tag", {}).items() if len(r["per_tag"]) > 1]
+      for label, c in slices:
+        base = c.get("baselines", {})
+        cells = [_ci(base[k]) if k in base else "-" for k in ("chance", "longest", "shortest")]
+        lines.append(f"| {name} | {r.get('style', 'cloze')} | {label} | {c['raw']['items']} | {_ci(c['raw'])} | "
+                     f"{_ci(c['norm'])} | " + " | ".join(cells) + " |")
   if results.get("contamination"):
     c = results["contamination"]
     lines += ["", f"## Contamination ({c['n']}-gram overlap >= {c['threshold']} with {', '.join(c['corpus'])})", "",

@@ -134,12 +134,13 @@ def run(cfg) -> dict:
 
   for i, spec in enumerate(cfg.mcq.sets):
     name, where = spec.get("name", f"mcq{i}"), f"mcq.sets[{i}]"
-    prompts.check(cfg.mcq.template, "mcq.template")
+    style, template = mcq.set_style(spec, cfg.mcq, where)
     its = eval_items.load_items(spec, "mcq", where)
-    n_opts = sum(len(it["options"]) for it in its)
-    summary, records = mcq.evaluate(m.model, doc_tok, its, cfg.mcq.template, cfg.mcq.batch_size,
-                                    report.Progress(f"mcq {name}", n_opts, "options"))
-    summary["template"] = cfg.mcq.template
+    total = sum(len(it["options"]) for it in its) if style == "cloze" else len(its)
+    summary, records = mcq.evaluate(m.model, doc_tok, its, template, cfg.mcq.batch_size,
+                                    report.Progress(f"mcq {name}", total, "options" if style == "cloze" else "items"),
+                                    style)
+    summary["template"] = template
     if index:
       flagged = flags(its, [it["question"] + " " + it["options"][it["answer"]] for it in its])
       for r, f in zip(records, flagged, strict=True):
