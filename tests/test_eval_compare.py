@@ -117,3 +117,49 @@ def test_bad_input_is_one_error_line_and_writes_nothing(two_equal_models, tmp_pa
   path.write_text("\n".join(lines[:-1] + ['{"id": "q119", "answer": 1}']) + "\n")
   assert f"mcq_std.jsonl:{len(lines)}: needs a finite number 'pred'" in one_error_line(capsys, [a, b])
   assert not out.exists()
+
+
+def test_two_evaluated_runs_compare_item_by_item(tiny_run, tmp_path):
+  """`python -m jaxtele.eval` on the full and the LoRA tiny runs (both MCQ styles, open QA with an explanation
+  set), then the comparison of their folders: every MCQ set gets McNemar rows whose discordant counts are the
+  prediction files' own, and F1 gets a bootstrap row."""
+  from jaxtele.config import load_config
+  from jaxtele.eval.runner import run
+
+  mcq_items = [{"id": f"m{i}", "question": f"Which timer number {i}?", "options": ["T3511", "T3512", "PCF", "UPF"],
+                "answer": i % 4} for i in range(8)]
+  (tmp_path / "mcq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mcq_items))
+  qa = [{"id": f"q{i}", "question": f"Which function sets policy {i}?", "answer": "The PCF"} for i in range(3)]
+  (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+  cfg_file = tmp_path / "eval_cfg.py"
+  cfg_file.write_text(f'''
+from jaxtele.eval.config import default_config
+
+def get_config():
+  cfg = default_config()
+  cfg.perplexity.run_sets = False
+  cfg.mcq.sets = [{{"name": "toy", "path": "{tmp_path}/mcq.jsonl", "format": "mcq"}},
+                  {{"name": "toy_letter", "path": "{tmp_path}/mcq.jsonl", "format": "mcq", "style": "letter"}}]
+  cfg.open_qa.sets = [{{"name": "toyqa", "path": "{tmp_path}/qa.jsonl", "format": "qa"}}]
+  cfg.generation.update(max_new_tokens=4)
+  return cfg
+''')
+  outs = []
+  for name, mode in (("full", "full"), ("lora_r2", "lora")):
+    extra = ["--config.lora.rank=2"] if mode == "lora" else []
+    source = tiny_run(name, f"--config.train.mode={mode}", *extra)
+    cfg = load_config(str(cfg_file), [f"--config.model.source={source}", f"--config.out={tmp_path / name}"])
+    res = run(cfg)
+    assert res["mcq"]["toy_letter"]["style"] == "letter" and res["mcq"]["toy"]["style"] == "cloze"
+    assert res["mcq"]["toy_letter"]["template"] == "Question: {question}\n{options}\nAnswer:"
+    outs.append(tmp_path / name)
+  result = compare.compare(str(outs[0]), str(outs[1]), samples=200)
+  rows = {(r["set"], r["metric"]): r for r in result["rows"]}
+  for name in ("toy", "toy_letter"):
+    preds = [[json.loads(x) for x in open(o / "predictions" / f"mcq_{name}.jsonl")] for o in outs]
+    hits = [np.asarray([r["pred"] == r["answer"] for r in p]) for p in preds]
+    r = rows[(name, "accuracy")]
+    assert (r["only_a"], r["only_b"]) == (int((hits[0] & ~hits[1]).sum()), int((~hits[0] & hits[1]).sum()))
+    assert r["p"] == pytest.approx(binomtest(r["only_a"], r["only_a"] + r["only_b"]).pvalue if r["only_a"] +
+                                   r["only_b"] else 1.0)
+  assert rows[("toyqa", "token F1")]["units"] == 3

@@ -31,7 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
       # template override `style` and `template` (cloze) / `letter_template` (letter), e.g. "tokenizer".
       "mcq": {"sets": (), "template": MCQ_TEMPLATE, "batch_size": 8, "limit": 0, "style": "cloze",
               "letter_template": LETTER_TEMPLATE},
-      # [{name, path, format: teleqna|qa, categories, limit, seed, answer_field: option|explanation|...}]
+      # [{name, path, format: teleqna|qa, categories, limit, seed, answer_field: option|explanation|...,
+      #   answer_ppl, generate (a set's own switches, default on)}]
       "open_qa": {"sets": (), "template": "",  # empty: the template the model was trained with
                   "answer_ppl": True, "score_end_token": True, "generate": True, "batch_size": 8, "limit": 0},
       "generation": {"max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": ()},
