@@ -61,8 +61,9 @@ def markdown(results: dict) -> str:
       for label, c in slices:
         base = c.get("baselines", {})
         cells = [_ci(base[k]) if k in base else "-" for k in ("chance", "longest", "shortest")]
+        norm = _ci(c["norm"]) if r.get("style", "cloze") == "cloze" else "-"  # letters: nothing to normalise
         lines.append(f"| {name} | {r.get('style', 'cloze')} | {label} | {c['raw']['items']} | {_ci(c['raw'])} | "
-                     f"{_ci(c['norm'])} | " + " | ".join(cells) + " |")
+                     f"{norm} | " + " | ".join(cells) + " |")
   if results.get("contamination"):
     c = results["contamination"]
     lines += ["", f"## Contamination ({c['n']}-gram overlap >= {c['threshold']} with {', '.join(c['corpus'])})", "",
