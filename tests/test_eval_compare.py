@@ -119,9 +119,11 @@ def test_bad_input_is_one_error_line_and_writes_nothing(two_equal_models, tmp_pa
   assert not out.exists()
 
 
-def test_two_evaluated_runs_compare_item_by_item(tiny_run, tmp_path):
-  """The runner on the full and the LoRA tiny runs (letter-style MCQ, open QA), then the comparison of their
-  folders: the McNemar row's discordant counts are the prediction files' own, and F1 gets a bootstrap row."""
+def test_an_evaluated_run_compares_item_by_item(tiny_run, tmp_path):
+  """The runner's own prediction files (letter-style MCQ, open QA) against a copy with answers changed by hand:
+  McNemar counts the changed items, F1 gets a bootstrap row over the same items."""
+  import shutil
+
   from jaxtele.config import load_config
   from jaxtele.eval.runner import run
 
@@ -142,23 +144,23 @@ def get_config():
   cfg.generation.update(max_new_tokens=4)
   return cfg
 ''')
-  outs = []
-  for name, mode in (("full", "full"), ("lora_r2", "lora")):
-    extra = ["--config.lora.rank=2"] if mode == "lora" else []
-    source = tiny_run(name, f"--config.train.mode={mode}", *extra)
-    cfg = load_config(str(cfg_file), [f"--config.model.source={source}", f"--config.out={tmp_path / name}"],
-                      check=lambda cfg: None)  # the runner validates
-    res = run(cfg)
-    assert res["mcq"]["toy_letter"]["style"] == "letter"
-    assert res["mcq"]["toy_letter"]["template"] == "Question: {question}\n{options}\nAnswer:"
-    outs.append(tmp_path / name)
-  result = compare.compare(str(outs[0]), str(outs[1]), samples=200)
-  rows = {(r["set"], r["metric"]): r for r in result["rows"]}
-  for name in ("toy_letter",):  # (the cloze style's records are the same fields)
-    preds = [[json.loads(x) for x in open(o / "predictions" / f"mcq_{name}.jsonl")] for o in outs]
-    hits = [np.asarray([r["pred"] == r["answer"] for r in p]) for p in preds]
-    r = rows[(name, "accuracy")]
-    assert (r["only_a"], r["only_b"]) == (int((hits[0] & ~hits[1]).sum()), int((~hits[0] & hits[1]).sum()))
-    assert r["p"] == pytest.approx(binomtest(r["only_a"], r["only_a"] + r["only_b"]).pvalue if r["only_a"] +
-                                   r["only_b"] else 1.0)
-  assert rows[("toyqa", "token F1")]["units"] == 3
+  source = tiny_run("full", "--config.train.mode=full")
+  cfg = load_config(str(cfg_file), [f"--config.model.source={source}", f"--config.out={tmp_path / 'A'}"],
+                    check=lambda cfg: None)  # the runner validates
+  res = run(cfg)
+  assert res["mcq"]["toy_letter"]["style"] == "letter"
+  assert res["mcq"]["toy_letter"]["template"] == "Question: {question}\n{options}\nAnswer:"
+  shutil.copytree(tmp_path / "A", tmp_path / "B")
+  path = tmp_path / "B" / "predictions" / "mcq_toy_letter.jsonl"
+  rows = [json.loads(x) for x in open(path)]
+  hits_a = [r["pred"] == r["answer"] for r in rows]
+  for r in rows[:5]:  # B answers the first five right
+    r["pred"] = r["answer"]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  gained = sum(not h for h in hits_a[:5])
+  result = compare.compare(str(tmp_path / "A"), str(tmp_path / "B"), samples=200)
+  by = {(r["set"], r["metric"]): r for r in result["rows"]}
+  r = by[("toy_letter", "accuracy")]
+  assert (r["only_a"], r["only_b"]) == (0, gained)
+  assert r["p"] == pytest.approx(binomtest(0, gained).pvalue if gained else 1.0)
+  assert by[("toyqa", "token F1")]["units"] == 3 and by[("toyqa", "token F1")]["diff"] == 0
