@@ -36,7 +36,8 @@ def prediction_files(folder: str) -> dict:
     for path in sorted(glob.glob(os.path.join(preds, f"{kind}_*.jsonl"))):
       found[(kind, os.path.basename(path)[len(kind) + 1:-len(".jsonl")])] = path
   if not found:
-    raise JaxteleError(f"{folder}: no predictions/{{mcq,ppl,qa}}_<set>.jsonl (is it an output of python -m jaxtele.eval?)")
+    raise JaxteleError(f"{folder}: no predictions/{{mcq,ppl,qa}}_<set>.jsonl (is it an output of "
+                       "python -m jaxtele.eval?)")
   return found
 
 
@@ -145,7 +146,8 @@ def markdown(result: dict) -> str:
   lines = [f"# Paired comparison: A = `{result['a']}`, B = `{result['b']}`", "",
            f"Differences are A - B; bootstrap {result['samples']} resamples of the units (seed {result['seed']}), "
            f"McNemar exact on the items only one model got right.", "",
-           "| task | set | metric | units | A | B | A - B | 95% CI / p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+           "| task | set | metric | units | A | B | A - B | 95% CI / p | verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
     test = (f"p = {r['p']:.3g} ({r['only_a']} vs {r['only_b']} discordant)" if "p" in r
             else f"[{r['ci'][0]:+.4g}, {r['ci'][1]:+.4g}]")
