@@ -104,3 +104,67 @@ def test_mcq_loglik_on_teleqna_matches_transformers(smollm2, smollm2_hf, shared_
     assert rec["pred"] == int(np.argmax(want))
   assert worst < 1e-3, worst
   assert summary["raw"]["items"] == 3
+
+
+def test_answer_continues_a_custom_prompt_with_a_space_as_transformers_scores_it(smollm2, smollm2_hf):
+  """A template ending in a non-space: the answer is scored as prompt + " " + answer tokenised as one text by the
+  exported tokenizer (what `transformers` users score), plus EOS; the label counts the end tokens."""
+  import transformers
+
+  folder, ref = smollm2_hf
+  hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+  doc_tok = DocTokenizer(smollm2.tokenizer, smollm2.model.config.vocab_size)
+  template = "Question: {question}\nAnswer:"
+  qa = [{"question": "What is the capital of France?", "answer": "Paris"},
+        {"question": "What does AMF stand for?", "answer": "Access and Mobility Management Function"}]
+  got = answers.answer_perplexity(smollm2.model, doc_tok, qa, template, batch_size=2)
+  total, count, nbytes = 0.0, 0, 0
+  for it in qa:
+    prompt = template.format(question=it["question"])
+    head = [doc_tok.bos_id] if doc_tok.bos_id is not None else []
+    p_ids = head + hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = head + hf_tok(prompt + " " + it["answer"], add_special_tokens=False)["input_ids"] + [hf_tok.eos_token_id]
+    assert ids[:len(p_ids)] == p_ids
+    nll = hf_nll(ref, ids)[len(p_ids) - 1:]
+    total, count, nbytes = total + nll.sum(), count + len(ids) - len(p_ids), nbytes + len(" " + it["answer"])
+  assert got["tokens"] == count and got["end_tokens"] == len(qa) and got["score_end_token"]
+  assert abs(got["ppl"] / np.exp(total / count) - 1) < 1e-3, (got["ppl"], np.exp(total / count))
+  assert abs(got["bpb"] / (total / np.log(2) / nbytes) - 1) < 1e-3
+  bare = answers.answer_perplexity(smollm2.model, doc_tok, qa, template, batch_size=2, score_end=False)
+  assert bare["tokens"] == count - len(qa) and bare["end_tokens"] == 0 and not bare["score_end_token"]
+
+
+def test_letter_choice_matches_transformers_next_letter(smollm2, smollm2_hf, shared_data):
+  """Options listed A-E, the letter scored: `transformers`' next-token log-probs of " A".." E" after a prompt
+  ending in "Answer:", of "A".."E" after ChatML's "assistant\\n" (the one continuation rule)."""
+  import transformers
+
+  folder, ref = smollm2_hf
+  hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+  doc_tok = DocTokenizer(smollm2.tokenizer, smollm2.model.config.vocab_size)
+  pool = items.load_items({"path": f"{shared_data}/teleqna/TeleQnA.json", "categories": list(items.STANDARDS)},
+                          "mcq", "t")
+  above = [it for it in pool if it["options"][it["answer"]].lower().startswith("all of the above")]
+  its = above[:2] + pool[:1]
+  for template, it, rec in letter_records(smollm2.model, doc_tok, its):
+    listed = "\n".join(f"{'ABCDE'[j]}. {o}" for j, o in enumerate(it["options"]))
+    if template == "chatml":
+      user = f"{it['question']}\n\n{listed}\n\nAnswer with the letter of the correct option."
+      prompt, space = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", ""
+    else:
+      prompt, space = f"Question: {it['question']}\n{listed}\nAnswer:", " "
+    ids = hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    letters = [hf_tok(space + "ABCDE"[j], add_special_tokens=False)["input_ids"] for j in range(len(it["options"]))]
+    assert all(len(x) == 1 for x in letters)
+    with torch.no_grad():
+      logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+    want = logp[[x[0] for x in letters]]
+    np.testing.assert_allclose(rec["loglik"], want, rtol=1e-3)
+    assert rec["pred"] == int(np.argmax(want))
+
+
+def letter_records(model, doc_tok, its):
+  for template in (mcq.LETTER_TEMPLATE, "chatml"):
+    summary, records = mcq.evaluate(model, doc_tok, its, template, batch_size=4, style="letter")
+    assert summary["style"] == "letter" and summary["raw"]["items"] == len(its)
+    yield from ((template, it, rec) for it, rec in zip(its, records, strict=True))

@@ -25,10 +25,20 @@ def get_config():
       {"name": "wikitext2", "sources": [{"type": "text", "path": DATA + "/wikitext2/wiki.test.raw"}], "format": "text"},
   ]
   cfg.perplexity.update(seq_len=1024, batch_size=8, max_batches=8)
-  cfg.mcq.sets = [{"name": "teleqna_standards", "path": TELEQNA, "format": "teleqna", "categories": list(STANDARDS),
-                   "limit": 500, "seed": 0}]
+  # The whole standards set (3,000 items) in both styles: cloze (options as continuations) and letter (options
+  # listed A-E, the letter scored; "All of the above" is answerable). An instruct model is asked in its chat
+  # format with --config.mcq.letter_template=tokenizer. Results carry chance / longest / shortest baselines and a
+  # 3GPP / IEEE / other breakdown; --config.mcq.limit=N for a quick look.
+  standards = {"path": TELEQNA, "format": "teleqna", "categories": list(STANDARDS), "limit": 0, "seed": 0}
+  cfg.mcq.sets = [{"name": "teleqna_standards", **standards, "style": "cloze"},
+                  {"name": "teleqna_standards_letter", **standards, "style": "letter"}]
   cfg.open_qa.sets = [{"name": "teleqna_standards_open", "path": TELEQNA, "format": "teleqna",
-                       "categories": list(STANDARDS), "limit": 200, "seed": 1, "answer_field": "option"}]
+                       "categories": list(STANDARDS), "limit": 200, "seed": 1, "answer_field": "option"},
+                      # The same questions, TeleQnA's explanation (a sentence or two) as the reference answer:
+                      # answer perplexity on longer text (generation is scored against the options above).
+                      {"name": "teleqna_standards_explanation", "path": TELEQNA, "format": "teleqna",
+                       "categories": list(STANDARDS), "limit": 200, "seed": 1, "answer_field": "explanation",
+                       "generate": False}]
   cfg.generation.update(max_new_tokens=48, temperature=0.0, stop=["\n\n"])
   # Set the base the evaluated model started from, e.g. --config.forgetting.base=HuggingFaceTB/SmolLM2-135M
   cfg.forgetting.sets = ["wikitext2"]

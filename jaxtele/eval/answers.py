@@ -9,25 +9,31 @@ from jaxtele.eval.score import sequence_nll
 
 
 def encode(item: dict, template: str, doc_tok, score_end: bool = True):
-  """(ids, weights) the way SFT trains (`jaxtele.data.sft.encode_example`): prompt unscored; the answer and,
-  with `score_end`, the token that closes it, scored."""
+  """(ids, weights, answer text as scored) the way SFT trains (`jaxtele.data.sft.encode_example`): prompt
+  unscored; the answer, continuing the prompt by the rule MCQ options follow (`prompts.continuation`), and with
+  `score_end` the token that closes it, scored."""
   tok = doc_tok.tokenizer
-  prompt = doc_tok.encode(prompts.render(template, item["question"], tok), bos=True, eos=False).tolist()
-  answer = doc_tok.encode(item["answer"], bos=False, eos=False).tolist()
+  context = prompts.render(template, item["question"], tok)
+  prompt = doc_tok.encode(context, bos=True, eos=False).tolist()
+  text = prompts.continuation(context, item["answer"])
+  answer = doc_tok.encode(text, bos=False, eos=False).tolist()
   end = prompts.end_token(template, tok) if score_end else None
   tail = [end] if end is not None else []
-  return prompt + answer + tail, [0] * len(prompt) + [1] * (len(answer) + len(tail))
+  return prompt + answer + tail, [0] * len(prompt) + [1] * (len(answer) + len(tail)), text
 
 
 def answer_perplexity(model, doc_tok, items, template: str, batch_size: int = 8, score_end: bool = True,
                       progress=None) -> dict:
-  """Token-level: exp(total NLL of answer tokens / their count); also bits per byte of the answer text."""
-  pairs = [encode(it, template, doc_tok, score_end) for it in items]
-  sums, counts = sequence_nll(model, [p[0] for p in pairs], [p[1] for p in pairs], batch_size, progress)
-  nbytes = sum(len(it["answer"].encode("utf-8")) for it in items)
+  """Token-level: exp(total NLL of scored tokens / their count); also bits per byte of the scored answer text.
+  `end_tokens` says how many of the scored tokens are the closing end token (0 without `score_end`)."""
+  encoded = [encode(it, template, doc_tok, score_end) for it in items]
+  sums, counts = sequence_nll(model, [e[0] for e in encoded], [e[1] for e in encoded], batch_size, progress)
+  nbytes = sum(len(e[2].encode("utf-8")) for e in encoded)
+  end = prompts.end_token(template, doc_tok.tokenizer) if score_end else None
   loss = float(sums.sum() / counts.sum())
   return {"ppl": float(np.exp(loss)), "loss": loss, "tokens": int(counts.sum()),
-          "bpb": float(sums.sum() / np.log(2) / nbytes), "items": len(items), "score_end_token": score_end}
+          "bpb": float(sums.sum() / np.log(2) / nbytes), "items": len(items), "score_end_token": end is not None,
+          "end_tokens": len(items) if end is not None else 0}
 
 
 def generated_answers(model, doc_tok, items, template: str, sampling: Sampling, batch_size: int = 8,

@@ -6,7 +6,7 @@ from ml_collections import FieldReference
 
 from jaxtele.data.pipeline import default_config as data_defaults
 from jaxtele.errors import JaxteleError
-from jaxtele.eval.mcq import DEFAULT_TEMPLATE as MCQ_TEMPLATE
+from jaxtele.eval.mcq import DEFAULT_TEMPLATE as MCQ_TEMPLATE, LETTER_TEMPLATE
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -25,10 +25,14 @@ def default_config() -> ml_collections.ConfigDict:
       "perplexity": {"sets": (), "run_sets": True,  # run_sets: a run's own eval.sets, with its data settings
                      "seq_len": 1024, "batch_size": 8, "max_batches": 8, "bits_per_byte": True,
                      "data": data_defaults()},
-      # [{name, path, format: teleqna|mcq, categories: [...], limit, seed}]
-      # limit > 0 caps every set's items (a quick run); a set's own `limit` applies otherwise
-      "mcq": {"sets": (), "template": MCQ_TEMPLATE, "batch_size": 8, "limit": 0},
-      # [{name, path, format: teleqna|qa, categories, limit, seed, answer_field: option|explanation|...}]
+      # [{name, path, format: teleqna|mcq, categories: [...], limit, seed, style: cloze|letter, template}]
+      # limit > 0 caps every set's items (a quick run); a set's own `limit` applies otherwise. style: options
+      # scored as continuations (cloze) or listed A-E with the letter scored (letter); a set's own style and
+      # template override `style` and `template` (cloze) / `letter_template` (letter), e.g. "tokenizer".
+      "mcq": {"sets": (), "template": MCQ_TEMPLATE, "batch_size": 8, "limit": 0, "style": "cloze",
+              "letter_template": LETTER_TEMPLATE},
+      # [{name, path, format: teleqna|qa, categories, limit, seed, answer_field: option|explanation|...,
+      #   answer_ppl, generate (a set's own switches, default on)}]
       "open_qa": {"sets": (), "template": "",  # empty: the template the model was trained with
                   "answer_ppl": True, "score_end_token": True, "generate": True, "batch_size": 8, "limit": 0},
       "generation": {"max_new_tokens": 48, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": ()},

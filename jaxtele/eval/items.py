@@ -17,6 +17,28 @@ from jaxtele.errors import JaxteleError
 
 _WS = re.compile(r"\s*")
 STANDARDS = ("Standards specifications", "Standards overview")
+TAGS = ("3GPP", "IEEE", "other")
+# TeleQnA marks most standards questions with their source, "[3GPP Release 17]", "[IEEE 802.11]", "[TCP/IP]";
+# the rest are read from the question and explanation: a standards body or spec number first, then technology
+# names only one body defines (NR, LTE... are 3GPP's; Wi-Fi is IEEE 802.11).
+_BRACKET = re.compile(r"\[([^\[\]]+)\]\s*$")
+_BODY = (("3GPP", re.compile(r"\b3GPP\b|\bT[SR] ?\d{2}\.\d{3}|\bRel(?:ease|\.|-)? ?\d{1,2}\b|\bTSGs?\b")),
+         ("IEEE", re.compile(r"\bIEEE\b|\b802\.\d+")))
+_TECH = (("3GPP", re.compile(r"\b(?:NR|LTE|E-UTRAN?|NG-RAN|gNBs?|eNBs?|[eg]NodeBs?|5GC|EPC|EPS|RedCap|NAS)\b")),
+         ("IEEE", re.compile(r"\bWi-?Fi\b|\bWLANs?\b")))
+
+
+def source_tag(question: str, explanation: str = "") -> str:
+  """3GPP / IEEE / other: which body's standard a TeleQnA question is about."""
+  m = _BRACKET.search(question)
+  if m:
+    return next((tag for tag in ("3GPP", "IEEE") if tag in m.group(1)), "other")
+  text = f"{question} {explanation}"
+  for rules in (_BODY, _TECH):
+    for tag, pattern in rules:
+      if pattern.search(text):
+        return tag
+  return "other"
 
 
 def _line_finder(text: str):
@@ -99,7 +121,7 @@ def mcq_item(obj, where: str) -> dict:
   else:
     raise JaxteleError(f"{where}: answer {answer!r} is not among its options")
   return {"id": str(obj.get("id", where)), "question": question, "options": options, "answer": index,
-          "category": str(obj.get("category", "all"))}
+          "category": str(obj.get("category", "all")), "tag": str(obj.get("tag", "all"))}
 
 
 def qa_item(obj, where: str) -> dict:
@@ -122,6 +144,7 @@ def teleqna_item(key, obj, where: str) -> dict:
   item = mcq_item({"question": obj.get("question"), "options": options, "answer": int(m.group(1)) - 1,
                    "category": obj.get("category", "all"), "id": key}, where)
   item["explanation"] = str(obj.get("explanation") or "")
+  item["tag"] = source_tag(item["question"], item["explanation"])
   return item
 
 

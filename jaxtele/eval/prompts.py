@@ -62,6 +62,13 @@ def render(template: str, question: str, tokenizer=None, options: str = "") -> s
   return template.format(question=question, options=options)
 
 
+def continuation(context: str, text: str) -> str:
+  """The one rule by which an answer or an option continues its prompt: a leading space after a non-space (so
+  "Answer:" + "Paris" is scored as "Answer: Paris", the way the text would be written and tokenised), nothing
+  after whitespace (a chat template's "assistant\n")."""
+  return text if not context or context[-1].isspace() else " " + text
+
+
 def end_token(template: str, tokenizer) -> int | None:
   """The token that closed answers in training (None for a custom template of a tokenizer without EOS)."""
   if template in sft.TEMPLATES:

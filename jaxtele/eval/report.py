@@ -36,6 +36,13 @@ def _ci(acc: dict) -> str:
   return f"{acc['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _scored(ap: dict) -> str:
+  """What the answer perplexity scored: answer tokens only, or with the closing end token (and how many)."""
+  if not ap.get("score_end_token"):
+    return f"{ap['tokens']} answer tokens only (end token not scored)"
+  return f"{ap['tokens']} tokens: the answers and their end token ({ap.get('end_tokens', ap['items'])} of them)"
+
+
 def markdown(results: dict) -> str:
   m = results["model"]
   lines = [f"# Evaluation of `{m['source']}`", "", f"{m['kind']}" + (f", step {m['step']}" if m.get("step") else "")]
@@ -45,12 +52,18 @@ def markdown(results: dict) -> str:
       bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
       lines.append(f"| {name} | {r['ppl']:.3f} | {bpb} | {int(r['tokens']):,} |")
   if results.get("mcq"):
-    lines += ["", "## Multiple choice (accuracy, 95% Wilson interval)", "",
-              "| set | category | items | raw | length-normalised | chance |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Multiple choice (accuracy, 95% Wilson interval; baselines on the same items)", "",
+              "| set | style | slice | items | raw | length-normalised | chance | longest option | shortest option |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["mcq"].items():
-      lines.append(f"| {name} | all | {r['raw']['items']} | {_ci(r['raw'])} | {_ci(r['norm'])} | {r['chance']:.3f} |")
-      for cat, c in r["per_category"].items():
-        lines.append(f"| {name} | {cat} | {c['raw']['items']} | {_ci(c['raw'])} | {_ci(c['norm'])} | |")
+      slices = [("all", r)] + [(f"category: {k}", v) for k, v in r["per_category"].items()]
+      slices += [(f"tag: {k}", v) for k, v in r.get("per_tag", {}).items() if len(r["per_tag"]) > 1]
+      for label, c in slices:
+        base = c.get("baselines", {})
+        cells = [_ci(base[k]) if k in base else "-" for k in ("chance", "longest", "shortest")]
+        norm = _ci(c["norm"]) if r.get("style", "cloze") == "cloze" else "-"  # letters: nothing to normalise
+        lines.append(f"| {name} | {r.get('style', 'cloze')} | {label} | {c['raw']['items']} | {_ci(c['raw'])} | "
+                     f"{norm} | " + " | ".join(cells) + " |")
   if results.get("contamination"):
     c = results["contamination"]
     lines += ["", f"## Contamination ({c['n']}-gram overlap >= {c['threshold']} with {', '.join(c['corpus'])})", "",
@@ -69,6 +82,9 @@ def markdown(results: dict) -> str:
       cells = [f"{ap['ppl']:.3f}" if ap else "-", f"{ap['bpb']:.4f}" if ap else "-",
                f"{gen['f1']:.3f}" if gen else "-", f"{gen['exact_match']:.3f}" if gen else "-"]
       lines.append(f"| {name} | `{r['template']!r}` | " + " | ".join(cells) + " |")
+    for name, r in results["open_qa"].items():
+      if r.get("answer_ppl"):
+        lines += ["", f"{name}: answer perplexity over {_scored(r['answer_ppl'])}."]
   if results.get("forgetting"):
     f = results["forgetting"]
     lines += ["", f"## Forgetting (against `{f['base']}`)", "", "| set | base ppl | tuned ppl | delta | ratio |",

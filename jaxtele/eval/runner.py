@@ -134,12 +134,13 @@ def run(cfg) -> dict:
 
   for i, spec in enumerate(cfg.mcq.sets):
     name, where = spec.get("name", f"mcq{i}"), f"mcq.sets[{i}]"
-    prompts.check(cfg.mcq.template, "mcq.template")
+    style, template = mcq.set_style(spec, cfg.mcq, where)
     its = eval_items.load_items(spec, "mcq", where)
-    n_opts = sum(len(it["options"]) for it in its)
-    summary, records = mcq.evaluate(m.model, doc_tok, its, cfg.mcq.template, cfg.mcq.batch_size,
-                                    report.Progress(f"mcq {name}", n_opts, "options"))
-    summary["template"] = cfg.mcq.template
+    total = sum(len(it["options"]) for it in its) if style == "cloze" else len(its)
+    summary, records = mcq.evaluate(m.model, doc_tok, its, template, cfg.mcq.batch_size,
+                                    report.Progress(f"mcq {name}", total, "options" if style == "cloze" else "items"),
+                                    style)
+    summary["template"] = template
     if index:
       flagged = flags(its, [it["question"] + " " + it["options"][it["answer"]] for it in its])
       for r, f in zip(records, flagged, strict=True):
@@ -159,11 +160,13 @@ def run(cfg) -> dict:
     name, where = spec.get("name", f"qa{i}"), f"open_qa.sets[{i}]"
     its = eval_items.load_items(spec, "qa", where)
     r = {"template": template, "template_origin": origin, "items": len(its)}
-    if cfg.open_qa.answer_ppl:
+    if "answer_field" in spec:
+      r["answer_field"] = spec["answer_field"]
+    if cfg.open_qa.answer_ppl and spec.get("answer_ppl", True):  # a set may turn either task off
       r["answer_ppl"] = answers.answer_perplexity(m.model, doc_tok, its, template, cfg.open_qa.batch_size,
                                                   cfg.open_qa.score_end_token,
                                                   report.Progress(f"answer ppl {name}", len(its)))
-    if cfg.open_qa.generate:
+    if cfg.open_qa.generate and spec.get("generate", True):
       r["generation"], records = answers.generated_answers(m.model, doc_tok, its, template, sampling,
                                                            cfg.open_qa.batch_size,
                                                            report.Progress(f"generate {name}", len(its)))

@@ -1,14 +1,17 @@
 """Log-likelihood of chosen tokens of many short sequences (answers, options), batched with right padding.
 
-Legend: B batch, T padded length, V vocab.
+Legend: B batch, T padded length, V vocab, D hidden, K candidate next tokens.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxtele.loss import token_nll
 from jaxtele.models.decoder import Decoder, check_token_ids
+
+K_MAX = 10  # candidates per sequence in `next_token_logprobs` (one shape: one compile per length bucket)
 
 
 @nnx.jit
@@ -58,3 +61,35 @@ def sequence_scores(model: Decoder, seqs, weights, batch_size: int = 8, progress
     if progress:
       progress(min(start + batch_size, len(seqs)))
   return sums, counts, all_greedy
+
+
+@nnx.jit
+def _next_logprobs(model: Decoder, tokens_BT, segment_ids_BT, last_B, candidates_BK):
+  positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+  x_BTD = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT)
+  x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)  # only the last position reaches the head
+  logp_BV = jax.nn.log_softmax(model.logits(x_B1D)[:, 0].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_BV, candidates_BK, axis=1)
+
+
+def next_token_logprobs(model: Decoder, seqs, candidates, batch_size: int = 8, progress=None) -> list[np.ndarray]:
+  """log p(c | seqs[i]) for each token id c of candidates[i] (at most `K_MAX`): one forward pass per sequence
+  scores all its one-token continuations (answer letters)."""
+  out = [None] * len(seqs)
+  order = np.argsort([len(s) for s in seqs], kind="stable")
+  for start in range(0, len(seqs), batch_size):
+    idx = order[start:start + batch_size]
+    T = max(32, 1 << (max(len(seqs[i]) for i in idx) - 1).bit_length())
+    tokens, segs = np.zeros((batch_size, T), np.int32), np.zeros((batch_size, T), np.int32)
+    last, cands = np.zeros(batch_size, np.int32), np.zeros((batch_size, K_MAX), np.int32)
+    for row, i in enumerate(idx):
+      ids = check_token_ids(seqs[i], model.config.vocab_size, f"sequence {i}")
+      tokens[row, :len(ids)], segs[row, :len(ids)], last[row] = ids, 1, len(ids) - 1
+      cands[row, :len(candidates[i])] = check_token_ids(candidates[i], model.config.vocab_size, f"candidates {i}")
+    logp = np.asarray(_next_logprobs(model, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(last),
+                                     jnp.asarray(cands)), np.float64)
+    for row, i in enumerate(idx):
+      out[i] = logp[row, :len(candidates[i])]
+    if progress:
+      progress(min(start + batch_size, len(seqs)))
+  return out
