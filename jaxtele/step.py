@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from jaxtele.models.adapters import adapter_inputs
-from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count
+from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count, token_nll
 from jaxtele.sharding import path_str
 
 
@@ -93,3 +93,15 @@ def make_eval_step(graphdef, loss: str = "plain", chunk: int = 1024):
     return loss_sums(graphdef, params, frozen, batch, loss, chunk)
 
   return eval_step
+
+
+def make_token_nll_step(graphdef):
+  """Per-token NLL [B, T] (0 where not scored), for per-document sums on the host; the periodic eval keeps
+  the summed step above, which returns two scalars."""
+  def token_nll_step(params, frozen, batch):
+    with adapter_inputs():
+      model = nnx.merge(graphdef, params, frozen)
+      logits_BTV = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return token_nll(logits_BTV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32)
+
+  return token_nll_step
