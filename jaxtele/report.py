@@ -14,7 +14,7 @@ import re
 import sys
 
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.eval.diagnose import GRAD_KEYS, read_metrics
+from jaxtele.eval.diagnose import grad_keys, read_metrics
 
 DOMAIN_RE, GENERAL_RE = r"3gpp|telecom", r"wikitext"
 PPL = re.compile(r"^eval/(.+)/ppl$")
