@@ -107,7 +107,7 @@ def kernel_gradients(graphdef, params, frozen, batch, tuned: dict) -> dict:
     s, c = loss_sums(g_def, w, rest, batch)
     return s / jnp.maximum(c, 1.0)
 
-  grads = nnx.to_pure_dict(jax.grad(mean_nll)(weights))
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(mean_nll))(weights))  # one compile, not one per op
   out = {}
   for path in tuned:
     node = grads
