@@ -91,3 +91,7 @@ def test_fraction_scored_of_a_sample_and_a_cut(tiny):
   cut, _ = documents.results(ds, np.array([1.0, 2.0, np.nan, 3.0, 4.0]))
   assert (cut["documents"], cut["tokens"], cut["nll"]) == (4, total - len(TEXTS["TS 23.501 4.1"]), 10.0)
   assert cut["fraction_scored"] == pytest.approx(cut["tokens"] / total)
+  # a token budget keeps whole documents: one here, the first of a stable order, whole
+  one = documents.doc_set([{"id": k, "text": v} for k, v in TEXTS.items()], "text", doc_tok, 8, T, max_tokens=1)
+  kept, _ = documents.results(one, np.ones(5))
+  assert kept["documents"] == 1 and kept["tokens"] in {len(t) for t in TEXTS.values()}

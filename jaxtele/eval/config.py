@@ -25,7 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
       # `wikitext` source ({type: wikitext, path}) gives one document per article. Every document is scored
       # (`sample`: a stable fraction of the documents, e.g. 0.25 on CPU, for sets without their own `sample`;
       # the fraction scored is reported), and per-document rows go to predictions/ppl_<set>.jsonl.
-      # max_batches > 0 cuts a set (reported too).
+      # max_batches > 0: about that many batches' worth of whole documents, in a stable random order (reported).
       "perplexity": {"sets": (), "run_sets": True,  # run_sets: a run's own eval.sets, with its data settings
                      "seq_len": 1024, "batch_size": 8, "max_batches": 0, "sample": 1.0, "bits_per_byte": True,
                      "data": data_defaults()},

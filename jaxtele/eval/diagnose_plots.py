@@ -112,7 +112,8 @@ def rank_table(runs) -> list[str]:
   have = [r for r in runs if r.diagnostics and r.diagnostics.get("summary")]
   lines = []
   if have:
-    lines = ["| run | module | effective rank (mean, max) | maximum rank | intruders | rho |", "|---|---|---|---|---|---|"]
+    lines = ["| run | module | effective rank (mean, max) | maximum rank | intruders | rho |",
+             "|---|---|---|---|---|---|"]
     for r in have:
       for m, s in r.diagnostics["summary"].items():
         rho = f"{s['rho_mean']:.3f}" if s.get("rho_mean") is not None else "-"

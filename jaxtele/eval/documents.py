@@ -117,11 +117,22 @@ def encode(records, fmt: str, doc_tok, template: str = "alpaca") -> list[Doc]:
 
 
 def doc_set(records, fmt, doc_tok, batch_size: int, seq_len: int, sample: float = 1.0, template="alpaca",
-            where="perplexity") -> DocSet:
+            where="perplexity", max_tokens: int = 0) -> DocSet:
+  """`max_tokens` > 0 keeps whole documents, in a stable random order (not file order), until that many
+  scored tokens are reached (at least one document)."""
   if not 0 < sample <= 1:
     raise JaxteleError(f"{where}.sample: the fraction of documents scored must be in (0, 1], got {sample}")
   docs = encode(records, fmt, doc_tok, template)
   scored = [i for i, d in enumerate(docs) if d.tokens and sampled(d.id, sample)]
+  if max_tokens > 0:
+    order = sorted(scored, key=lambda i: hashlib.sha256(f"order:{docs[i].id}".encode()).digest())
+    kept, total = [], 0
+    for i in order:
+      if kept and total >= max_tokens:
+        break
+      kept.append(i)
+      total += docs[i].tokens
+    scored = sorted(kept)
   if not scored:
     raise JaxteleError(f"{where}: no document to score (sample {sample} of {len(docs)} documents)")
   return DocSet(docs, scored, batch_size, seq_len, sample)

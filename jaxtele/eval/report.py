@@ -53,7 +53,8 @@ def markdown(results: dict) -> str:
   m = results["model"]
   lines = [f"# Evaluation of `{m['source']}`", "", f"{m['kind']}" + (f", step {m['step']}" if m.get("step") else "")]
   if results.get("perplexity"):
-    lines += ["", "## Perplexity", "", "| set | ppl | bits/byte | tokens | scored of the set |", "|---|---|---|---|---|"]
+    lines += ["", "## Perplexity", "", "| set | ppl | bits/byte | tokens | scored of the set |",
+              "|---|---|---|---|---|"]
     for name, r in results["perplexity"].items():
       bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
       scored = (f"{r['fraction_scored']:.1%} of {r['tokens_total']:,} tokens, {r['documents']:,} of "

@@ -71,8 +71,9 @@ def perplexity_sets(cfg, m: Loaded, doc_tok) -> dict:
   data_cfg = pc.data.copy_and_resolve_references()
   data_cfg.unlock()
   data_cfg.seq_len = pc.seq_len
-  for name, ds in text_sets.build_doc_sets(pc.sets, data_cfg, pc.batch_size, doc_tok, pc.sample).items():
-    out[name] = (ds, pc.batch_size, pc.seq_len, pc.max_batches)  # scored per document (documents.py)
+  for name, ds in text_sets.build_doc_sets(pc.sets, data_cfg, pc.batch_size, doc_tok, pc.sample,
+                                                 pc.max_batches).items():
+    out[name] = (ds, pc.batch_size, pc.seq_len, 0)  # scored per document (documents.py), whole documents
   return out
 
 

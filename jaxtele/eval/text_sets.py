@@ -105,9 +105,10 @@ def build_sets(sets, data_cfg, batch_size: int, doc_tok) -> dict:
   return out
 
 
-def build_doc_sets(sets, data_cfg, batch_size: int, doc_tok, sample: float = 1.0) -> dict:
+def build_doc_sets(sets, data_cfg, batch_size: int, doc_tok, sample: float = 1.0, max_batches: int = 0) -> dict:
   """{name: documents.DocSet} for the same specs: every record of every source once, scored per document;
-  a set's `sample` (default `sample`; 1: all) scores a stable fraction of its documents."""
+  a set's `sample` (default `sample`; 1: all) scores a stable fraction of its documents, and `max_batches` > 0
+  about that many batches' worth of whole documents in a stable random order."""
   from jaxtele.eval import documents
 
   out = {}
@@ -119,5 +120,5 @@ def build_doc_sets(sets, data_cfg, batch_size: int, doc_tok, sample: float = 1.0
     records = [src[k] for src in sources for k in range(len(src))]
     out[spec.get("name", f"set{i}")] = documents.doc_set(
         records, spec.get("format", data_cfg.format), doc_tok, batch_size, data_cfg.seq_len,
-        float(spec.get("sample", sample)), data_cfg.sft_template, where)
+        float(spec.get("sample", sample)), data_cfg.sft_template, where, max_batches * batch_size * data_cfg.seq_len)
   return out
