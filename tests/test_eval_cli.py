@@ -95,6 +95,11 @@ def test_cli_on_the_gguf(shared_data, tmp_path, capsys):
   res = json.load(open(tmp_path / "results.json"))
   assert set(res["perplexity"]) == {"3gpp_heldout", "wikitext2"}
   assert 5 < res["perplexity"]["wikitext2"]["ppl"] < 200
+  # max_batches=1: about one batch of whole documents, and the page says how little of each set that is
+  held, wiki = res["perplexity"]["3gpp_heldout"], res["perplexity"]["wikitext2"]
+  assert (held["documents_total"], wiki["documents_total"]) == (233, 62)  # held-out clauses; ` = Title = ` lines
+  for r in (held, wiki):
+    assert r["documents"] >= 1 and r["fraction_scored"] == pytest.approx(r["tokens"] / r["tokens_total"]) < 0.05
   assert res["mcq"]["teleqna_standards"]["raw"]["items"] == 2
   assert res["open_qa"]["teleqna_standards_open"]["template"] == "tokenizer"  # GGUF: its own chat template
   f = res["forgetting"]["sets"]["wikitext2"]
