@@ -50,6 +50,7 @@ def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
   # The run's own eval set, built as the trainer builds it: the trainer's final numbers, same checkpoint.
   assert res["perplexity"]["run/telecom"]["ppl"] == pytest.approx(trained["eval"]["eval/telecom/ppl"], rel=1e-5)
   assert res["perplexity"]["run/telecom"]["tokens"] == trained["eval"]["eval/telecom/tokens"]
+  assert res["perplexity"]["run/telecom"]["fraction_scored"] == 1.0  # the trainer here scored its whole set
   # The same file as a configured set, scored document by document: the same pieces, so the same numbers.
   again = res["perplexity"]["again"]
   assert again["ppl"] == pytest.approx(res["perplexity"]["run/telecom"]["ppl"], rel=1e-5)

@@ -21,9 +21,9 @@ from jaxtele.data.content import content_type
 from jaxtele.data.packing import split_example
 from jaxtele.data.pipeline import Formatter
 from jaxtele.errors import JaxteleError
+from jaxtele.eval.perplexity import BATCH_KEYS
 from jaxtele.sharding import global_batch
 
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 # Clause ids of 3GPP documents ("TS 38.321 5.4.2.1"): the spec is the id's first two words.
 SPEC_ID = re.compile(r"^(TS (\d{2})\.(\d)\d{2}(?:-\d+)?)\b")
 

@@ -57,8 +57,9 @@ def markdown(results: dict) -> str:
               "|---|---|---|---|---|"]
     for name, r in results["perplexity"].items():
       bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
-      scored = (f"{r['fraction_scored']:.1%} of {r['tokens_total']:,} tokens, {r['documents']:,} of "
-                f"{r['documents_total']:,} documents" if "tokens_total" in r else "-")
+      scored = f"{r['fraction_scored']:.1%} of {int(r['tokens_total']):,} tokens" if "tokens_total" in r else "-"
+      if "documents_total" in r:
+        scored += f", {r['documents']:,} of {r['documents_total']:,} documents"
       lines.append(f"| {name} | {r['ppl']:.3f} | {bpb} | {int(r['tokens']):,} | {scored} |")
     lines += breakdown_tables(results["perplexity"])
   if results.get("mcq"):

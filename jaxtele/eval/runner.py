@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxtele.data import setup as data_setup
@@ -106,6 +107,9 @@ def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: b
     if r[f"eval/{name}/tokens"] == 0:
       raise JaxteleError(f"perplexity set {name!r}: an empty evaluation set (no scored tokens)")
     out[name] = {k.rsplit("/", 1)[1]: v for k, v in r.items()}
+    # A run's set is scored as its trainer scores it (eval.max_batches included): say how much of it that was.
+    total = float(sum(np.asarray(b["loss_mask"]).sum() for b in ds)) if max_batches else out[name]["tokens"]
+    out[name] |= {"tokens_total": total, "fraction_scored": out[name]["tokens"] / max(total, 1.0)}
   return out
 
 
