@@ -95,3 +95,24 @@ def test_fraction_scored_of_a_sample_and_a_cut(tiny):
   one = documents.doc_set([{"id": k, "text": v} for k, v in TEXTS.items()], "text", doc_tok, 8, T, max_tokens=1)
   kept, _ = documents.results(one, np.ones(5))
   assert kept["documents"] == 1 and kept["tokens"] in {len(t) for t in TEXTS.values()}
+
+
+def test_bad_sets_are_one_line_errors(tmp_path):
+  from jaxtele.data.byte_tokenizer import byte_tokenizer
+  from jaxtele.data.pipeline import default_config
+  from jaxtele.errors import JaxteleError
+  from jaxtele.eval import text_sets
+
+  doc_tok = DocTokenizer(byte_tokenizer(), 264)
+  (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+  spec = {"name": "s", "sources": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}], "sample": 0.0}
+  with pytest.raises(JaxteleError, match=r"^perplexity.sets\[0\].sample: .* \(0, 1\], got 0.0$"):
+    text_sets.build_doc_sets([spec], default_config(), 8, doc_tok)
+  missing = {"name": "w", "sources": [{"type": "wikitext", "path": str(tmp_path / "none.raw")}]}
+  with pytest.raises(JaxteleError, match="none.raw: cannot read the WikiText file"):
+    text_sets.build_doc_sets([missing], default_config(), 8, doc_tok)
+  # WikiText: one document per ` = Title = ` line (sub-headings ` = = ... = = ` stay inside), text kept whole
+  raw = " = A = \n a text .\n = = Sub = = \n more .\n = B = \n b .\n"
+  (tmp_path / "w.raw").write_text(raw)
+  arts = text_sets.WikiTextArticles(str(tmp_path / "w.raw"))
+  assert [r["id"] for r in arts.records] == ["A", "B"] and "".join(r["text"] for r in arts.records) == raw

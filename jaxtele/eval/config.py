@@ -63,6 +63,9 @@ def validate(cfg):
     node, leaf = key.split(".")
     if cfg[node][leaf] <= 0:
       raise JaxteleError(f"config: {key}: must be positive, got {cfg[node][leaf]}")
+  if not 0 < cfg.perplexity.sample <= 1:
+    raise JaxteleError(f"config: perplexity.sample: the fraction of documents scored must be in (0, 1], got "
+                       f"{cfg.perplexity.sample}")
   if cfg.generation.temperature < 0 or not 0 < cfg.generation.top_p <= 1:
     raise JaxteleError("config: generation: temperature must be >= 0 and top_p in (0, 1]")
   if any("{data_root}" in str(s) for s in (cfg.perplexity.sets, cfg.mcq.sets, cfg.open_qa.sets)) \
