@@ -14,7 +14,8 @@ import re
 import sys
 
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.eval.diagnose import GRAD_KEYS, read_metrics
+from jaxtele.eval import diagnose_plots
+from jaxtele.eval.diagnose import read_metrics
 
 DOMAIN_RE, GENERAL_RE = r"3gpp|telecom", r"wikitext"
 PPL = re.compile(r"^eval/(.+)/ppl$")
@@ -188,19 +189,8 @@ def plot_tradeoff(runs, out_dir, domain_re, general_re):
 
 
 def plot_grad_norms(runs, out_dir):
-  keys = [k for k in GRAD_KEYS if any(r.series(k)[0] for r in runs)]
-  if not keys:
-    return None, "no run logged train/grad_norm*"
-  plt, fig, axes = _figure(len(keys), width=4.2)
-  for ax, k in zip(axes, keys):
-    for r in runs:
-      steps, v = r.series(k)
-      if steps:
-        ax.plot(steps, v, marker=".", label=r.name)
-    ax.set(xlabel="step", ylabel="gradient norm", title=k.removeprefix("train/"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  return _save(plt, fig, out_dir, "grad_norms.png"), None
+  """One panel per (run, gradient group), and one per parameter: norms over different sets never share an axis."""
+  return diagnose_plots.plot_grad_norms(runs, out_dir)
 
 
 def plot_intruders(runs, out_dir):
@@ -248,9 +238,13 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
   plots = [("Loss curves", plot_loss(runs, out_dir)),
            (f"Eval perplexity over {X_AXES[x]}", plot_eval(runs, out_dir, x)),
            ("Domain gain vs general loss", plot_tradeoff(runs, out_dir, domain_re, general_re)),
-           ("Gradient norms", plot_grad_norms(runs, out_dir)), ("Intruder dimensions", plot_intruders(runs, out_dir))]
+           ("Gradient norms", plot_grad_norms(runs, out_dir)), ("Intruder dimensions", plot_intruders(runs, out_dir)),
+           ("Intruders by eps, similarities, update ratios, reach", diagnose_plots.plot_diagnostics(runs, out_dir))]
   for title, (png, why) in plots:
     page += [f"## {title}", "", f"![{title}]({png})" if png else f"_Skipped: {why}._", ""]
+  ranks = diagnose_plots.rank_table(runs)
+  if ranks:
+    page += ["Effective rank of dW next to the most an update of that module could have:", ""] + ranks + [""]
   intruders = [(r.name, r.diagnostics["intruders_total"]) for r in runs if r.diagnostics]
   if intruders:
     page += ["Total intruder dimensions: " + ", ".join(f"{n} {t}" for n, t in intruders), ""]

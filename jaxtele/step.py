@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 from jaxtele.models.adapters import adapter_inputs
-from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count
+from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count, token_nll
 from jaxtele.sharding import path_str
 
 
@@ -35,13 +35,22 @@ def _loss_sums(model, batch, loss, chunk):
   return masked_sum_and_count(logits, batch["targets"], batch["loss_mask"])
 
 
+ADAPTER_GRAD_GROUPS = ("lora_a", "lora_b", "lora_magnitude")
+
+
+def grad_group(path: str) -> str:
+  """The gradient-norm group of a trainable leaf ("layers/0/.../lora_b" -> "lora_b"): one of the adapter
+  leaves, or "base" for trainable base weights (full FT, or extra modules). Logged as train/grad_norm/<group>;
+  diagnose counts each group's parameters with it."""
+  leaf = path.rsplit("/", 1)[-1]
+  return leaf if leaf in ADAPTER_GRAD_GROUPS else "base"
+
+
 def group_norms(grads) -> dict:
-  """Gradient norm per group: LoRA A, LoRA B, DoRA magnitude, and trainable base weights (full FT, or extra
-  modules)."""
+  """Gradient norm per group (`grad_group`)."""
   groups = {}
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    leaf = path_str(path).rsplit("/", 1)[-1]
-    name = leaf if leaf in ("lora_a", "lora_b", "lora_magnitude") else "base"
+    name = grad_group(path_str(path))
     groups[name] = groups.get(name, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
   return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in groups.items()}
 
@@ -93,3 +102,15 @@ def make_eval_step(graphdef, loss: str = "plain", chunk: int = 1024):
     return loss_sums(graphdef, params, frozen, batch, loss, chunk)
 
   return eval_step
+
+
+def make_token_nll_step(graphdef):
+  """Per-token NLL [B, T] (0 where not scored), for per-document sums on the host; the periodic eval keeps
+  the summed step above, which returns two scalars."""
+  def token_nll_step(params, frozen, batch):
+    with adapter_inputs():
+      model = nnx.merge(graphdef, params, frozen)
+      logits_BTV = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return token_nll(logits_BTV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32)
+
+  return token_nll_step

@@ -13,7 +13,7 @@ from jaxtele.eval.config import default_config
 
 def get_config():
   cfg = default_config()
-  cfg.perplexity.update(seq_len=64, batch_size=8, max_batches=2)
+  cfg.perplexity.update(seq_len=64, batch_size=8)
   cfg.perplexity.data.num_packing_bins = 4  # as the tiny recipe packs
   cfg.perplexity.sets = [{"name": "again", "sources": [{"type": "jsonl", "path": "runs/corpus/eval.jsonl"}]}]
   cfg.mcq.sets = [{"name": "toy", "path": "mcq.jsonl", "format": "mcq"}]
@@ -41,7 +41,7 @@ def write_inputs(folder):
 def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
   from jaxtele.train import run
 
-  trained = run(tiny())
+  trained = run(tiny("--config.eval.max_batches=0"))  # the trainer's eval over its whole set
   write_inputs(workdir)
   main(["--config", "eval_cfg.py", "--model", str(workdir / "run"), "--out", str(workdir / "ev")])
   res = json.load(open(workdir / "ev" / "results.json"))
@@ -50,8 +50,15 @@ def test_cli_on_a_tiny_run_directory(tiny, workdir, capsys):
   # The run's own eval set, built as the trainer builds it: the trainer's final numbers, same checkpoint.
   assert res["perplexity"]["run/telecom"]["ppl"] == pytest.approx(trained["eval"]["eval/telecom/ppl"], rel=1e-5)
   assert res["perplexity"]["run/telecom"]["tokens"] == trained["eval"]["eval/telecom/tokens"]
-  # The same file as a configured set, packed the same way: the same batches.
-  assert res["perplexity"]["again"]["ppl"] == pytest.approx(res["perplexity"]["run/telecom"]["ppl"], rel=1e-6)
+  assert res["perplexity"]["run/telecom"]["fraction_scored"] == 1.0  # the trainer here scored its whole set
+  # The same file as a configured set, scored document by document: the same pieces, so the same numbers.
+  again = res["perplexity"]["again"]
+  assert again["ppl"] == pytest.approx(res["perplexity"]["run/telecom"]["ppl"], rel=1e-5)
+  assert again["tokens"] == again["tokens_total"] == trained["eval"]["eval/telecom/tokens"]
+  docs = [json.loads(line) for line in open(workdir / "ev" / "predictions" / "ppl_again.jsonl")]
+  assert len(docs) == again["documents"] == again["documents_total"] == len(open("runs/corpus/eval.jsonl").readlines())
+  assert set(docs[0]) == {"id", "nll", "tokens", "bytes", "spec", "content"}
+  assert sum(d["tokens"] for d in docs) == again["tokens"]
   assert 0 < res["perplexity"]["run/telecom"]["bpb"] < 8
   assert res["mcq"]["toy"]["raw"]["items"] == 3
   assert set(res["mcq"]["toy"]["per_category"]) == {"timers", "nf", "copied"}
@@ -89,6 +96,11 @@ def test_cli_on_the_gguf(shared_data, tmp_path, capsys):
   res = json.load(open(tmp_path / "results.json"))
   assert set(res["perplexity"]) == {"3gpp_heldout", "wikitext2"}
   assert 5 < res["perplexity"]["wikitext2"]["ppl"] < 200
+  # max_batches=1: about one batch of whole documents, and the page says how little of each set that is
+  held, wiki = res["perplexity"]["3gpp_heldout"], res["perplexity"]["wikitext2"]
+  assert (held["documents_total"], wiki["documents_total"]) == (233, 62)  # held-out clauses; ` = Title = ` lines
+  for r in (held, wiki):
+    assert r["documents"] >= 1 and r["fraction_scored"] == pytest.approx(r["tokens"] / r["tokens_total"]) < 0.05
   assert res["mcq"]["teleqna_standards"]["raw"]["items"] == 2
   assert res["open_qa"]["teleqna_standards_open"]["template"] == "tokenizer"  # GGUF: its own chat template
   f = res["forgetting"]["sets"]["wikitext2"]

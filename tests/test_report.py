@@ -36,7 +36,9 @@ def test_report_page_plots_and_final_losses(runs, tmp_path, capsys):
   page = (out / "report.md").read_text()
   assert capsys.readouterr().out.strip() == str(out / "report.md")
   images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
-  assert set(images) == {"loss.png", "eval_ppl.png", "domain_vs_general.png", "grad_norms.png", "intruders.png"}
+  assert set(images) == {"loss.png", "eval_ppl.png", "domain_vs_general.png", "grad_norms.png", "intruders.png",
+                         "diagnostics.png"}
+  assert "| lora_r2 | q_proj | " in page and "| 2 |" in page  # effective rank next to the maximum rank
   for name in images:
     assert not os.path.isabs(name)
     data = (out / name).read_bytes()
@@ -57,7 +59,7 @@ def test_missing_data_skips_plots(tmp_path):
   path = report.build_report([str(run_dir)], str(tmp_path / "out"))
   page = open(path).read()
   assert "![Loss curves](loss.png)" in page and os.path.isfile(tmp_path / "out" / "loss.png")
-  assert page.count("_Skipped:") == 4
+  assert page.count("_Skipped:") == 5
   assert "| bare | 3 | 4.7000 |" in page
 
 

@@ -20,10 +20,14 @@ def default_config() -> ml_collections.ConfigDict:
       "data_root": "",  # replaces "{data_root}" in every set's paths
       "out": "runs/eval",  # results.json, results.md, predictions/ (--out overrides)
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1},  # perplexity sets are sharded like the trainer's
-      # Packed text, as `eval.sets` in a training config: [{name, sources: [...], format}]. A `3gpp` source
-      # ({type: 3gpp, path, eval_fraction}) reads held-out clauses straight from the Markdown specs.
+      # Packed text, as `eval.sets` in a training config: [{name, sources: [...], format, sample}]. A `3gpp`
+      # source ({type: 3gpp, path, eval_fraction}) reads held-out clauses straight from the Markdown specs; a
+      # `wikitext` source ({type: wikitext, path}) gives one document per article. Every document is scored
+      # (`sample`: a stable fraction of the documents, e.g. 0.25 on CPU, for sets without their own `sample`;
+      # the fraction scored is reported), and per-document rows go to predictions/ppl_<set>.jsonl.
+      # max_batches > 0: about that many batches' worth of whole documents, in a stable random order (reported).
       "perplexity": {"sets": (), "run_sets": True,  # run_sets: a run's own eval.sets, with its data settings
-                     "seq_len": 1024, "batch_size": 8, "max_batches": 8, "bits_per_byte": True,
+                     "seq_len": 1024, "batch_size": 8, "max_batches": 0, "sample": 1.0, "bits_per_byte": True,
                      "data": data_defaults()},
       # [{name, path, format: teleqna|mcq, categories: [...], limit, seed, style: cloze|letter, template}]
       # limit > 0 caps every set's items (a quick run); a set's own `limit` applies otherwise. style: options
@@ -63,6 +67,9 @@ def validate(cfg):
     node, leaf = key.split(".")
     if cfg[node][leaf] <= 0:
       raise JaxteleError(f"config: {key}: must be positive, got {cfg[node][leaf]}")
+  if not 0 < cfg.perplexity.sample <= 1:
+    raise JaxteleError(f"config: perplexity.sample: the fraction of documents scored must be in (0, 1], got "
+                       f"{cfg.perplexity.sample}")
   if cfg.generation.temperature < 0 or not 0 < cfg.generation.top_p <= 1:
     raise JaxteleError("config: generation: temperature must be >= 0 and top_p in (0, 1]")
   if any("{data_root}" in str(s) for s in (cfg.perplexity.sets, cfg.mcq.sets, cfg.open_qa.sets)) \

@@ -8,9 +8,17 @@ and prints a table. Per layer and module (q_proj ... down_proj):
   of W_base is below eps (0.5). The paper compares left singular vectors of PyTorch weights [out, in], i.e.
   directions in the layer's output space; our kernels are [in, out] (HF's transpose), so those are the right
   singular vectors of the kernel, which is what is compared here.
-The tuned W of a LoRA run is the merged kernel, merged in fp32 (a bf16 base is upcast first, so rounding
-of the merged kernel does not pose as a full-rank update). Gradient norms come from metrics.jsonl.
-Shapes: kernel_IO [in, out]. JAX is imported only to load a run, so `read_metrics` and the maths stay light.
+- intruder counts for every eps of EPS_GRID, and each row's top similarities (their distribution);
+- the update-to-weight ratio ||dW|| / ||W0|| per module type at every checkpoint of the run;
+- rho, the share of the full-weight gradient's energy a LoRA adapter can reach at its current A and B, on
+  one held-out batch (the run's first eval set; see reach.py for the derivation in our [in, out] layout);
+- effective rank next to the most an update can have (LoRA: the rank, 2x for PiSSA; full: min(in, out)).
+The tuned W of a LoRA run is the adapter's merged kernel over the layer's `base_kernel`, in fp32 (a bf16 base
+is upcast first, so rounding does not pose as a full-rank update; an NF4 base is dequantized, so its
+quantization error does not either). Gradient norms come from metrics.jsonl: every train/grad_norm* key the
+run logged, with each group's parameter count (`step.grad_group`), so norms of different parameter sets can
+be compared per parameter. Shapes: kernel_IO [in, out]. JAX is imported only to load a run, so
+`read_metrics` and the maths stay light.
 """
 
 import argparse
@@ -21,8 +29,10 @@ import sys
 import numpy as np
 
 from jaxtele.errors import JaxteleError, cli
+from jaxtele.eval import reach
 
-GRAD_KEYS = ("train/grad_norm", "train/grad_norm/lora_a", "train/grad_norm/lora_b", "train/grad_norm/base")
+GRAD_PREFIX = "train/grad_norm"
+EPS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,8 +63,10 @@ def intruder_dimensions(base_IO: np.ndarray, tuned_IO: np.ndarray, k: int = 10, 
   return int((intruder_similarity(base_IO, tuned_IO, k) < eps).sum())
 
 
-def compare(base: dict, tuned: dict, k: int = 10, eps: float = 0.5, energy: float = 0.9) -> list[dict]:
-  """One row per module path present in both {path tuple: kernel_IO} dicts."""
+def compare(base: dict, tuned: dict, k: int = 10, eps: float = 0.5, energy: float = 0.9,
+            max_rank: dict | None = None) -> list[dict]:
+  """One row per module path present in both {path tuple: kernel_IO} dicts; `max_rank` {path: int} (default
+  min(in, out)) is the most rank an update of that module can have."""
   rows = []
   for path in sorted(tuned, key=lambda p: tuple(str(x).zfill(6) for x in p)):
     if path not in base:
@@ -67,7 +79,8 @@ def compare(base: dict, tuned: dict, k: int = 10, eps: float = 0.5, energy: floa
     layer = next((int(p) for p in path if str(p).isdigit()), None)
     rows.append({"path": ".".join(map(str, path)), "layer": layer, "module": str(path[-1]), "shape": list(w0.shape),
                  "dw_norm": float(np.linalg.norm(dw)), "rel_change": float(np.linalg.norm(dw) / np.linalg.norm(w0)),
-                 "effective_rank": effective_rank(dw, energy), "intruders": int((sims < eps).sum()),
+                 "effective_rank": effective_rank(dw, energy),
+                 "max_rank": int((max_rank or {}).get(path, min(w0.shape))), "intruders": int((sims < eps).sum()),
                  "top_similarity": [round(float(x), 4) for x in sims]})
   return rows
 
@@ -79,11 +92,21 @@ def summarize(rows: list[dict]) -> dict:
   for m in names:
     rs = [r for r in rows if r["module"] == m]
     out[m] = {"modules": len(rs), "effective_rank_mean": float(np.mean([r["effective_rank"] for r in rs])),
-              "effective_rank_max": max(r["effective_rank"] for r in rs),
+              "effective_rank_max": max(r["effective_rank"] for r in rs), "max_rank": max(r["max_rank"] for r in rs),
               "intruders_total": sum(r["intruders"] for r in rs),
               "intruders_mean": float(np.mean([r["intruders"] for r in rs])),
               "rel_change_mean": float(np.mean([r["rel_change"] for r in rs]))}
+    if all(r.get("rho") is not None for r in rs):
+      out[m]["rho_mean"] = float(np.mean([r["rho"] for r in rs]))
   return out
+
+
+def intruders_by_eps(rows: list[dict], grid=EPS_GRID) -> dict:
+  """Intruder counts at each threshold, in total and per module type, from the rows' top similarities."""
+  count = lambda rs, e: int(sum((np.asarray(r["top_similarity"]) < e).sum() for r in rs))  # noqa: E731
+  modules = list(dict.fromkeys(r["module"] for r in rows))
+  return {"eps": list(grid), "total": [count(rows, e) for e in grid],
+          "by_module": {m: [count([r for r in rows if r["module"] == m], e) for e in grid] for m in modules}}
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -104,76 +127,176 @@ def read_metrics(run_dir: str) -> list[dict]:
   return [by_step[s] for s in sorted(by_step, key=lambda s: -1 if s is None else s)]
 
 
-def grad_norms(run_dir: str) -> dict:
-  """{key: {steps, values, mean, last}} for the gradient-norm keys the run logged."""
+def grad_keys(rows: list[dict]) -> list[str]:
+  """The gradient-norm keys a run logged (train/grad_norm and one per group), in first-seen order."""
+  return list(dict.fromkeys(k for r in rows for k in r if k == GRAD_PREFIX or k.startswith(GRAD_PREFIX + "/")))
+
+
+def grad_norms(run_dir: str, counts: dict | None = None) -> dict:
+  """{key: {steps, values, mean, last[, parameters]}} for every gradient-norm key the run logged; `counts`
+  ({group: parameters}) adds the size of the set each norm is taken over."""
   rows = read_metrics(run_dir)
   out = {}
-  for key in GRAD_KEYS:
+  for key in grad_keys(rows):
     pts = [(r["step"], r[key]) for r in rows if key in r]
-    if pts:
-      steps, values = zip(*pts)
-      out[key] = {"steps": list(steps), "values": list(values), "mean": float(np.mean(values)),
-                  "last": float(values[-1])}
+    steps, values = zip(*pts)
+    out[key] = {"steps": list(steps), "values": list(values), "mean": float(np.mean(values)),
+                "last": float(values[-1])}
+    if counts:
+      group = key.removeprefix(GRAD_PREFIX).lstrip("/")
+      n = sum(counts.values()) if not group else counts.get(group)
+      if n:
+        out[key]["parameters"] = int(n)
   return out
 
 
-def layer_kernels(model) -> dict:
-  """{path: kernel_IO as fp32 numpy} of every Linear inside the decoder layers."""
+def group_counts(params) -> dict:
+  """{gradient-norm group: trainable parameters}, grouped as the train step groups its norms."""
   import jax
-  from flax import nnx
 
-  from jaxtele.models.layers import Linear
+  from jaxtele.sharding import path_str
+  from jaxtele.step import grad_group
 
-  return {tuple(p): np.asarray(jax.device_get(m.kernel[...]), np.float32)
-          for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and p and p[0] == "layers"}
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    g = grad_group(path_str(path))
+    out[g] = out.get(g, 0) + int(np.size(x))
+  return out
 
 
-def tuned_and_base(run_dir: str, base_src: str | None = None):
-  """(cfg, {path: tuned kernel}, {path: base kernel}) of a run's latest checkpoint."""
+def load(run_dir: str, step: int | None = None):
+  """(cfg, graphdef, params, frozen with float leaves in fp32, tokenizer) of a run's checkpoint (an NF4 base's
+  codes and block indices keep their integer types)."""
   import jax
   import jax.numpy as jnp
+
+  from jaxtele import build
+
+  cfg, graphdef, params, frozen, tokenizer = build.load_run(run_dir, step)
+  frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        frozen)
+  return cfg, graphdef, params, frozen, tokenizer
+
+
+def tuned_and_base(cfg, model, base_src: str | None = None):
+  """({path: tuned kernel}, {path: base kernel}, {path: the update's maximum rank}) of a loaded run's model."""
+  from jaxtele import build, convert
+
+  pairs = reach.kernels(model)
+  if cfg.train.mode == "lora":
+    adapters = {p: reach.active_adapter(lin) for p, lin in reach.layer_linears(model).items()}
+    pairs = {p: w for p, w in pairs.items() if adapters[p] is not None}
+    max_rank = {p: _max_rank(adapters[p], pairs[p][0].shape) for p in pairs}
+    base = {p: w0 for p, (w0, _) in pairs.items()}
+  else:  # full FT: the pretrained source, or the same seeded random init the run started from
+    max_rank, base = None, None
+  tuned = {p: w for p, (_, w) in pairs.items()}
+  if base_src:
+    base = {p: w for p, (w, _) in reach.kernels(convert.load_pretrained(base_src).model).items()}
+  elif base is None:
+    base = {p: w for p, (w, _) in reach.kernels(build.build_model(cfg)).items()}
+  return tuned, base, max_rank
+
+
+def _max_rank(adapter, shape) -> int:
+  """The most rank the adapter's update W - W0 can have: R; 2R for PiSSA (s (A B - A0 B0)); DoRA rescales
+  every output column of W, so any rank up to min(in, out)."""
+  if hasattr(adapter, "lora_magnitude"):
+    return min(shape)
+  return min(min(shape), adapter.rank * (2 if hasattr(adapter, "initial_delta") else 1))
+
+
+def update_ratios(run_dir: str, cfg, graphdef, params, frozen, base: dict) -> dict:
+  """{module type: {steps, values}}: ||W_t - W0|| / ||W0|| over all layers of that type, at every checkpoint."""
   from flax import nnx
 
-  from jaxtele import build, convert
-  from jaxtele.models.lora import lora_paths, merge_lora
+  from jaxtele.checkpoint import Checkpointer
 
-  cfg, graphdef, params, frozen, _ = build.load_run(run_dir)
-  frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), frozen)
-  model = nnx.merge(graphdef, params, frozen)
-  if cfg.train.mode == "lora":
-    adapted = set(lora_paths(model))
-    base = {p: w for p, w in layer_kernels(model).items() if p in adapted}
-    tuned = {p: w for p, w in layer_kernels(merge_lora(model)).items() if p in adapted}
-  else:
-    tuned = layer_kernels(model)
-    base = None
-  if base_src:
-    base = layer_kernels(convert.load_pretrained(base_src).model)
-  elif base is None:  # full FT: the pretrained source, or the same seeded random init the run started from
-    base = layer_kernels(build.build_model(cfg))
-  return cfg, tuned, base
+  out = {}
+  with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
+    for step in sorted(ckpt.manager.all_steps()):
+      model = nnx.merge(graphdef, ckpt.restore_params(step, params, cfg), frozen)
+      dw2, w2 = {}, {}
+      for path, (_, w) in reach.kernels(model).items():
+        if path in base:
+          m = str(path[-1])
+          dw2[m] = dw2.get(m, 0.0) + float(np.sum(np.square(w.astype(np.float64) - base[path])))
+          w2[m] = w2.get(m, 0.0) + float(np.sum(np.square(base[path].astype(np.float64))))
+      for m in sorted(dw2, key=lambda m: (MODULE_ORDER + (m,)).index(m)):
+        series = out.setdefault(m, {"steps": [], "values": []})
+        series["steps"].append(int(step))
+        series["values"].append(float(np.sqrt(dw2[m] / w2[m])) if w2[m] else float("nan"))
+  return out
+
+
+def held_out_batch(cfg, tokenizer):
+  """The first batch of the run's first eval set (None without one)."""
+  if not cfg.eval.sets:
+    return None
+  from jaxtele.build import model_config
+  from jaxtele.data import setup as data_setup
+
+  doc_tok = data_setup.doc_tokenizer(cfg, tokenizer, model_config(cfg.model).vocab_size)
+  ds = next(iter(data_setup.eval_data(cfg, doc_tok).values()))
+  return next(iter(ds), None)
+
+
+def add_rho(rows: list[dict], model, graphdef, params, frozen, tuned: dict, batch):
+  """rho per row (reach.reachable_fraction) at the adapters' current A and B, and its energy-weighted total."""
+  import jax.numpy as jnp
+
+  grads = reach.kernel_gradients(graphdef, params, frozen, {k: jnp.asarray(v) for k, v in batch.items()}, tuned)
+  ab = reach.factors(model)
+  reached = total = 0.0
+  for r in rows:
+    path = next(p for p in tuned if ".".join(map(str, p)) == r["path"])
+    g = grads[path]
+    r["rho"] = reach.reachable_fraction(g, *ab[path])
+    r["grad_norm"] = float(np.linalg.norm(g))
+    reached, total = reached + r["rho"] * r["grad_norm"] ** 2, total + r["grad_norm"] ** 2
+  return reached / total if total else None
 
 
 def diagnose(run_dir: str, base_src: str | None = None, k: int = 10, eps: float = 0.5, energy: float = 0.9) -> dict:
-  cfg, tuned, base = tuned_and_base(run_dir, base_src)
-  rows = compare(base, tuned, k, eps, energy)
+  from flax import nnx
+
+  cfg, graphdef, params, frozen, tokenizer = load(run_dir)
+  model = nnx.merge(graphdef, params, frozen)
+  tuned, base, max_rank = tuned_and_base(cfg, model, base_src)
+  rows = compare(base, tuned, k, eps, energy, max_rank)
   if not rows:
     raise JaxteleError(f"{run_dir}: no layer kernel of the run matches the base (wrong --base?)")
+  rho, why = None, "a full fine-tuning run has no adapter"
+  if cfg.train.mode == "lora":
+    batch = held_out_batch(cfg, tokenizer)
+    why = None if batch is not None else "the run has no eval set to take a held-out batch from"
+    if batch is not None:
+      rho = add_rho(rows, model, graphdef, params, frozen, tuned, batch)
   return {"run_dir": os.path.abspath(run_dir), "mode": cfg.train.mode,
           "lora_rank": cfg.lora.rank if cfg.train.mode == "lora" else None, "base": base_src or cfg.model.source,
           "k": k, "eps": eps, "energy": energy, "intruders_total": sum(r["intruders"] for r in rows),
-          "summary": summarize(rows), "rows": rows, "grad_norms": grad_norms(run_dir)}
+          "intruders_by_eps": intruders_by_eps(rows), "rho": rho, "rho_skipped": why,
+          "summary": summarize(rows), "rows": rows,
+          "update_ratio": update_ratios(run_dir, cfg, graphdef, params, frozen, base),
+          "grad_groups": group_counts(params), "grad_norms": grad_norms(run_dir, group_counts(params))}
 
 
 def table(result: dict) -> str:
   lines = [f"{result['run_dir']}  mode={result['mode']}" + (f" rank={result['lora_rank']}" if result["lora_rank"]
                                                              else ""),
-           f"{'module':<10} {'n':>3} {'eff.rank mean':>13} {'max':>4} {'intruders':>9} {'|dW|/|W|':>9}"]
+           f"{'module':<10} {'n':>3} {'eff.rank mean':>13} {'max':>4} {'of':>5} {'intruders':>9} {'|dW|/|W|':>9} "
+           f"{'rho':>6}"]
   for m, s in result["summary"].items():
+    rho = f"{s['rho_mean']:>6.3f}" if "rho_mean" in s else f"{'-':>6}"
     lines.append(f"{m:<10} {s['modules']:>3} {s['effective_rank_mean']:>13.1f} {s['effective_rank_max']:>4} "
-                 f"{s['intruders_total']:>9} {s['rel_change_mean']:>9.2e}")
+                 f"{s['max_rank']:>5} {s['intruders_total']:>9} {s['rel_change_mean']:>9.2e} {rho}")
+  ie = result["intruders_by_eps"]
+  lines.append("intruders by eps: " + ", ".join(f"{e:g}: {n}" for e, n in zip(ie["eps"], ie["total"])))
+  lines.append(f"rho (energy-weighted): {result['rho']:.4f}" if result["rho"] is not None
+               else f"rho: skipped ({result['rho_skipped']})")
   for key, g in result["grad_norms"].items():
-    lines.append(f"{key}: mean {g['mean']:.4g}, last {g['last']:.4g}")
+    n = f" over {g['parameters']:,} parameters" if "parameters" in g else ""
+    lines.append(f"{key}: mean {g['mean']:.4g}, last {g['last']:.4g}{n}")
   return "\n".join(lines)
 
 

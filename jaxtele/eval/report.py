@@ -43,14 +43,32 @@ def _scored(ap: dict) -> str:
   return f"{ap['tokens']} tokens: the answers and their end token ({ap.get('end_tokens', ap['items'])} of them)"
 
 
+def breakdown_tables(perplexity: dict) -> list[str]:
+  """Bits per byte of each set by spec, series and content type (sets scored per document)."""
+  lines = []
+  for name, r in perplexity.items():
+    for key, title in (("by_series", "series"), ("by_content", "content"), ("by_spec", "spec")):
+      if r.get(key):
+        lines += ["", f"{name} by {title}:", "", f"| {title} | documents | tokens | bits/byte | ppl |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {g} | {b['documents']:,} | {b['tokens']:,} | {b['bpb']:.4f} | {b['ppl']:.3f} |"
+                  for g, b in r[key].items()]
+  return lines
+
+
 def markdown(results: dict) -> str:
   m = results["model"]
   lines = [f"# Evaluation of `{m['source']}`", "", f"{m['kind']}" + (f", step {m['step']}" if m.get("step") else "")]
   if results.get("perplexity"):
-    lines += ["", "## Perplexity", "", "| set | ppl | bits/byte | tokens |", "|---|---|---|---|"]
+    lines += ["", "## Perplexity", "", "| set | ppl | bits/byte | tokens | scored of the set |",
+              "|---|---|---|---|---|"]
     for name, r in results["perplexity"].items():
       bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
-      lines.append(f"| {name} | {r['ppl']:.3f} | {bpb} | {int(r['tokens']):,} |")
+      scored = f"{r['fraction_scored']:.1%} of {int(r['tokens_total']):,} tokens" if "tokens_total" in r else "-"
+      if "documents_total" in r:
+        scored += f", {r['documents']:,} of {r['documents_total']:,} documents"
+      lines.append(f"| {name} | {r['ppl']:.3f} | {bpb} | {int(r['tokens']):,} | {scored} |")
+    lines += breakdown_tables(results["perplexity"])
   if results.get("mcq"):
     lines += ["", "## Multiple choice (accuracy, 95% Wilson interval; baselines on the same items)", "",
               "| set | style | slice | items | raw | length-normalised | chance | longest option | shortest option |",

@@ -8,16 +8,17 @@ import sys
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxtele.data import setup as data_setup
 from jaxtele.errors import JaxteleError
-from jaxtele.eval import answers, contamination, items as eval_items, mcq, prompts, report, text_sets
+from jaxtele.eval import answers, contamination, documents, items as eval_items, mcq, prompts, report, text_sets
 from jaxtele.eval.config import expand_paths, validate
 from jaxtele.eval.generate import Sampling
 from jaxtele.eval.perplexity import evaluate, scored_bytes
 from jaxtele.sharding import Shardings, make_mesh, mesh_shape
-from jaxtele.step import make_eval_step
+from jaxtele.step import make_eval_step, make_token_nll_step
 
 
 @dataclasses.dataclass
@@ -71,13 +72,16 @@ def perplexity_sets(cfg, m: Loaded, doc_tok) -> dict:
   data_cfg = pc.data.copy_and_resolve_references()
   data_cfg.unlock()
   data_cfg.seq_len = pc.seq_len
-  for name, ds in text_sets.build_sets(pc.sets, data_cfg, pc.batch_size, doc_tok).items():
-    out[name] = (ds, pc.batch_size, pc.seq_len, pc.max_batches)
+  for name, ds in text_sets.build_doc_sets(pc.sets, data_cfg, pc.batch_size, doc_tok, pc.sample,
+                                                 pc.max_batches).items():
+    out[name] = (ds, pc.batch_size, pc.seq_len, 0)  # scored per document (documents.py), whole documents
   return out
 
 
-def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: bool) -> dict:
+def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: bool, records=None) -> dict:
+  """{name: result}; `records`, when given, receives {name: per-document records} of the document sets."""
   eval_step = jax.jit(make_eval_step(m.graphdef))
+  nll_step = jax.jit(make_token_nll_step(m.graphdef))
   mc = m.model.config
   rules = Shardings(mesh, mc.num_heads, mc.num_kv_heads)
   params = jax.device_put(m.params, rules.tree(m.params))
@@ -90,11 +94,22 @@ def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: b
       raise JaxteleError(f"config: perplexity set {name!r}: batch size {batch} is not divisible by the mesh's "
                          f"batch shards ({shards})")
     prog = report.Progress(f"perplexity {name}", max_batches or None, "batches")
+    if isinstance(ds, documents.DocSet):
+      out[name], recs = documents.results(ds, documents.score(nll_step, params, frozen, ds, mesh, max_batches,
+                                                              prog))
+      if not bits_per_byte:
+        out[name].pop("bpb")
+      if records is not None:
+        records[name] = recs
+      continue
     r = evaluate(eval_step, params, frozen, {name: ds}, mesh, max_batches, (batch, seq_len),
                  byte_count=scored_bytes(tokenizer) if bits_per_byte else None, progress=lambda _, done: prog(done))
     if r[f"eval/{name}/tokens"] == 0:
       raise JaxteleError(f"perplexity set {name!r}: an empty evaluation set (no scored tokens)")
     out[name] = {k.rsplit("/", 1)[1]: v for k, v in r.items()}
+    # A run's set is scored as its trainer scores it (eval.max_batches included): say how much of it that was.
+    total = float(sum(np.asarray(b["loss_mask"]).sum() for b in ds)) if max_batches else out[name]["tokens"]
+    out[name] |= {"tokens_total": total, "fraction_scored": out[name]["tokens"] / max(total, 1.0)}
   return out
 
 
@@ -119,7 +134,11 @@ def run(cfg) -> dict:
   sets = perplexity_sets(cfg, m, doc_tok)
   if sets:
     log(f"perplexity on {', '.join(sets)}")
-    results["perplexity"] = perplexities(m, sets, list(sets), mesh, m.tokenizer, cfg.perplexity.bits_per_byte)
+    per_doc = {}
+    results["perplexity"] = perplexities(m, sets, list(sets), mesh, m.tokenizer, cfg.perplexity.bits_per_byte,
+                                         per_doc)
+    for name, recs in per_doc.items():  # one row per document: what paired comparisons resample
+      report.write_jsonl(os.path.join(preds, f"ppl_{name}.jsonl"), recs)
 
   index = None
   if cfg.contamination.corpus:
@@ -202,7 +221,8 @@ def forgetting(cfg, m: Loaded, sets: dict, tuned: dict, mesh) -> dict:
   for n in names:
     b, t = base_ppl[n], tuned[n]
     out[n] = {"base_ppl": b["ppl"], "tuned_ppl": t["ppl"], "delta": t["ppl"] - b["ppl"], "ratio": t["ppl"] / b["ppl"],
-              "base_loss": b["loss"], "tuned_loss": t["loss"], "tokens": t["tokens"]}
+              "base_loss": b["loss"], "tuned_loss": t["loss"], "tokens": t["tokens"],
+              "fraction_scored": t.get("fraction_scored")}
     if "bpb" in b:
       out[n] |= {"base_bpb": b["bpb"], "tuned_bpb": t["bpb"]}
   return {"base": cfg.forgetting.base, "sets": out}

@@ -6,6 +6,7 @@ spec) given the same fractions and specs."""
 
 import collections
 import copy
+import re
 
 from jaxtele.data import pipeline, threegpp
 from jaxtele.data.prepare import Holdout
@@ -41,8 +42,43 @@ class HeldOutClauses:
     return self.records[i]
 
 
+class WikiTextArticles:
+  """WikiText raw text cut into its articles (a ` = Title = ` line opens one), so a set has documents to
+  pair and sample; the articles joined give the file back."""
+
+  TITLE = re.compile(r"^ = ([^=].*) = \r?$")
+
+  def __init__(self, path: str):
+    try:
+      with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    except OSError as e:
+      raise JaxteleError(f"{path}: cannot read the WikiText file ({e.strerror})") from None
+    starts = [i for i, line in enumerate(lines) if self.TITLE.match(line)] or [0]
+    starts[0] = 0  # text before the first title belongs to the first article
+    self.records = []
+    for a, b in zip(starts, starts[1:] + [len(lines)]):
+      m = self.TITLE.match(lines[a])
+      text = "".join(lines[a:b])
+      if text.strip():
+        self.records.append({"id": m.group(1).strip() if m else f"article {len(self.records)}", "text": text})
+    self.stats = collections.Counter()
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return self.records[i]
+
+
 def open_source(spec: dict, where: str):
   spec = dict(spec)
+  if spec.get("type") == "wikitext":
+    unknown = set(spec) - {"type", "path", "weight"}
+    if unknown or not spec.get("path"):
+      raise JaxteleError(f"{where}: a wikitext source takes a path only" +
+                         (f" (unknown key {sorted(unknown)[0]!r})" if unknown else ""))
+    return WikiTextArticles(spec["path"])
   if spec.get("type") != "3gpp":
     src = make_source(spec, where)
     if not len(src):
@@ -75,4 +111,23 @@ def build_sets(sets, data_cfg, batch_size: int, doc_tok) -> dict:
     sources = [open_source(s, f"{where}.sources[{j}]") for j, s in enumerate(spec["sources"])]
     weights = [float(s.get("weight", 1.0)) for s in spec["sources"]]
     out[spec.get("name", f"set{i}")] = pipeline.build(dcfg, doc_tok, sources=sources, weights=weights, train=False)
+  return out
+
+
+def build_doc_sets(sets, data_cfg, batch_size: int, doc_tok, sample: float = 1.0, max_batches: int = 0) -> dict:
+  """{name: documents.DocSet} for the same specs: every record of every source once, scored per document;
+  a set's `sample` (default `sample`; 1: all) scores a stable fraction of its documents, and `max_batches` > 0
+  about that many batches' worth of whole documents in a stable random order."""
+  from jaxtele.eval import documents
+
+  out = {}
+  for i, spec in enumerate(sets):
+    where = f"perplexity.sets[{i}]"
+    if not spec.get("sources"):
+      raise JaxteleError(f"{where}.sources: an empty evaluation set (no sources)")
+    sources = [open_source(s, f"{where}.sources[{j}]") for j, s in enumerate(spec["sources"])]
+    records = [src[k] for src in sources for k in range(len(src))]
+    out[spec.get("name", f"set{i}")] = documents.doc_set(
+        records, spec.get("format", data_cfg.format), doc_tok, batch_size, data_cfg.seq_len,
+        float(spec.get("sample", sample)), data_cfg.sft_template, where, max_batches * batch_size * data_cfg.seq_len)
   return out
