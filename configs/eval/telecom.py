@@ -23,6 +23,10 @@ def get_config():
       # Always in full (its own sample: 1.0, whatever perplexity.sample says).
       {"name": "3gpp_heldout", "sources": [{"type": "3gpp", "path": DATA + "/3gpp", "eval_fraction": 0.02}],
        "format": "text", "sample": 1.0},
+      # Whole specs held out (prepare --heldout-spec-fraction 0.1: TS 23.502, 38.211, 38.214), scored per
+      # perplexity.sample (on CPU, e.g. --config.perplexity.sample=0.05).
+      {"name": "3gpp_heldout_spec", "sources": [{"type": "3gpp", "path": DATA + "/3gpp", "eval_fraction": 0.02,
+                                                 "holdout": "spec", "heldout_spec_fraction": 0.1}], "format": "text"},
       # The whole WikiText-2 test set, one document per article (62); on CPU a stated sample of the articles:
       # --config.perplexity.sample=0.25 (results report the fraction of tokens scored).
       {"name": "wikitext2", "sources": [{"type": "wikitext", "path": DATA + "/wikitext2/wiki.test.raw"}],

@@ -2,7 +2,8 @@
 the GGUF) on 3GPP clauses, both arms on the same batches (same seed, tokens and steps), held-out clauses and
 WikiText-2 evaluated before, during and after. The report is docs/experiments/telecom_cpt_cpu.md.
 
-  python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer $GGUF --out runs/telecom
+  python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer $GGUF --out runs/telecom \
+      --heldout-spec-fraction 0.1
   python -m jaxtele.train --config configs/experiments/telecom_cpt_cpu.py:full
   python -m jaxtele.train --config configs/experiments/telecom_cpt_cpu.py:lora
 The arm after the colon: `full` (every weight, lr 1e-4) or `lora` (r=64, alpha 128, every linear layer but the
@@ -32,6 +33,9 @@ def get_config(arm: str = "full"):
   cfg.data.update(format="tokens", seq_len=256, batch_size=8, packing="first_fit", num_packing_bins=16, seed=0)
   cfg.eval.sets = [
       {"name": "3gpp_heldout", "sources": [{"type": "tfds", "path": TELECOM, "split": "eval"}], "format": "tokens"},
+      # Whole specs held out (TS 23.502, 38.211, 38.214 at fraction 0.1): no templated sibling clause in training.
+      {"name": "3gpp_heldout_spec", "sources": [{"type": "tfds", "path": TELECOM, "split": "eval_spec"}],
+       "format": "tokens"},
       {"name": "wikitext2", "sources": [{"type": "text", "path": WIKITEXT}], "format": "text"},
   ]
   cfg.eval.update(at_start=True, every=10, max_batches=6, batch_size=8)
