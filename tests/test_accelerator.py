@@ -62,18 +62,23 @@ def test_gpu_flags_are_known_to_this_xla():
 
 
 def test_dry_run_memory_per_remat_policy(monkeypatch, tmp_path):
+  """One compiled row per policy, each the sum of its parts, judged against the given device memory. (XLA's CPU
+  compiler does not shrink temporaries under remat, see docs/benchmarks.md: the figures matter on GPU/TPU.)"""
   from jaxtele.plan import plan, remat_plan
 
   monkeypatch.chdir(tmp_path)
-  cfg = load_config(TINY, ["--config.model.init.num_layers=4", "--config.model.init.hidden_size=128",
-                          "--config.model.init.intermediate_size=512", "--config.data.seq_len=128"])
+  cfg = load_config(TINY, ["--config.model.remat=full"])
   out = io.StringIO()
-  report = plan(cfg, out=out, remat_policies=("none", "full"), device_bytes=10**12)
+  report = plan(cfg, out=out, remat_policies=("none", "full"), device_bytes=2**20)
   rows = report["remat"]
-  assert rows["none"] == report["per_device_total_bytes"]  # the configured policy is compiled once
-  assert rows["full"] < rows["none"]  # recomputing the layers keeps fewer activations
+  assert set(rows) == {"none", "full"} and rows["full"] == report["per_device_total_bytes"]
+  fixed = sum(v for k, v in report["per_device"].items() if k != "step_temporaries")
+  # params, gradients and Adam's two moments: 4 fp32 copies of the 27,040 parameters (hand count in
+  # test_config_rules), plus the optimizer's step counters
+  assert 0 <= fixed - 4 * 4 * 27_040 <= 64
+  assert rows["none"] > fixed
   text = out.getvalue()
-  assert "by model.remat" in text and text.count("fits") == 2 and "<- model.remat" in text
+  assert "by model.remat" in text and text.count("does not fit") == 2 and "<- model.remat" in text
   assert remat_plan("--dry_run_remat=48") == {"remat_policies": remat_plan("--dry_run_remat")["remat_policies"],
                                               "device_bytes": 48 * 2**30}
   with pytest.raises(Exception, match="GiB"):
@@ -84,11 +89,10 @@ def test_dry_run_memory_per_remat_policy(monkeypatch, tmp_path):
 def test_gpu_recipes_run_on_3_or_8_gpus(name):
   """3x L40S (one node) and 8-GPU nodes: train and eval batches divide by the mesh's batch shards."""
   from jaxtele.config import validate
-  from jaxtele.convert import model_config, smollm2_gguf_path
   from jaxtele.models.presets import PRESETS
 
   cfg = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
-  model = model_config(smollm2_gguf_path()) if name.startswith("smollm2") else PRESETS["qwen2.5-1.5b"]
+  model = PRESETS["smollm2-135m" if name.startswith("smollm2") else "qwen2.5-1.5b"]
   for devices in (1, 2, 3, 4, 6, 8):
     validate(cfg, model, devices)
   assert (cfg.model.dtype, cfg.model.remat) == ("auto", "none")
