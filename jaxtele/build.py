@@ -36,7 +36,10 @@ def model_config(mcfg) -> ModelConfig:
 
 
 def resolved_attention(cfg: ModelConfig) -> str:
-  """The implementation `cfg.attention` names on this backend (`auto` decided once, before any trace)."""
+  """`auto` -> the implementation it names on this backend, decided once, before any trace. Explicit names
+  pass through (checked where the step is built), so a run trained with `cudnn` still loads on a CPU."""
+  if cfg.attention != "auto":
+    return cfg.attention
   windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w]
   return resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim, windows[0] if windows else None,
                            softcap=cfg.attn_softcap)
