@@ -75,9 +75,9 @@ def set_gpu_flags(environ=None, force: bool = False) -> list[str]:
   environ = os.environ if environ is None else environ
   if environ.get("JAXTELE_XLA_DEFAULTS", "1") == "0" or not (force or cuda_expected(environ)):
     return []
-  from jax._src import xla_bridge
+  from jax._src import xla_bridge  # private, hence the getattr: a JAX without it is assumed not yet started
 
-  if not force and xla_bridge.backends_are_initialized():
+  if not force and getattr(xla_bridge, "backends_are_initialized", lambda: False)():
     return []
   environ["XLA_FLAGS"], added = merge_flags(environ.get("XLA_FLAGS", ""), gpu_flag_defaults(environ))
   return added
