@@ -1,5 +1,6 @@
 """Continual pretraining of Qwen2.5-1.5B on the 3GPP corpus with LoRA r=64, alpha=128 on every
-projection (q/k/v/o/gate/up/down), the base frozen in the compute dtype (bf16 on GPU/TPU). The measured counterpart of full FT:
+projection (q/k/v/o/gate/up/down), the base frozen in the compute dtype (bf16 on GPU/TPU). The measured
+counterpart of full FT:
 compare its 3GPP and WikiText-2 perplexities with smollm2_135m_full_pretrain's.
 
   python -m jaxtele.data prepare --input data/3gpp --tokenizer Qwen/Qwen2.5-1.5B --out data/telecom_qwen
@@ -15,7 +16,9 @@ def get_config():
   cfg = default_config()
   cfg.run_dir = "runs/qwen25_1p5b_lora_pretrain"
   cfg.model.source = "Qwen/Qwen2.5-1.5B"
-  cfg.model.update(param_dtype="bfloat16", dtype="auto", remat="none")  # remat: see the README's memory table
+  # No remat: by a hand count (~2.7 MB of bf16 activations per token, README "3x L40S") the step fits an H200 at
+  # <= 12 rows per GPU, i.e. from 4 GPUs; on 2 add --config.train.grad_accum=2, on 1 grad_accum=4. Check with --dry_run.
+  cfg.model.update(param_dtype="bfloat16", dtype="auto", remat="none")
   cfg.data.sources = [{"type": "tfds", "path": TELECOM, "split": "train"}]
   # 48 rows (~98k tokens) divide over 1, 2, 3, 4, 6 or 8 GPUs; 333 steps keep the 16k rows of 250 x 64.
   cfg.data.update(format="tokens", seq_len=2048, batch_size=48, packing="first_fit", num_packing_bins=64, workers=2)
