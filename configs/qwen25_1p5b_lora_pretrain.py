@@ -1,7 +1,6 @@
 """Continual pretraining of Qwen2.5-1.5B on the 3GPP corpus with LoRA r=64, alpha=128 on every
 projection (q/k/v/o/gate/up/down), the base frozen in the compute dtype (bf16 on GPU/TPU). The measured
-counterpart of full FT:
-compare its 3GPP and WikiText-2 perplexities with smollm2_135m_full_pretrain's.
+counterpart of full FT: compare its 3GPP and WikiText-2 perplexities with smollm2_135m_full_pretrain's.
 
   python -m jaxtele.data prepare --input data/3gpp --tokenizer Qwen/Qwen2.5-1.5B --out data/telecom_qwen
   python -m jaxtele.train --config configs/qwen25_1p5b_lora_pretrain.py
