@@ -10,8 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtele import convert
+from jaxtele.accelerator import resolve_base_dtype, resolve_dtype
 from jaxtele.data.byte_tokenizer import byte_tokenizer
 from jaxtele.errors import JaxteleError
+from jaxtele.models.attention import resolve_attention
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
 from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_pattern, merge_lora, quantize_base,
@@ -19,15 +21,29 @@ from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_patter
 
 
 def runtime(mcfg) -> dict:
-  return {"param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype, "remat": mcfg.remat, "attention": mcfg.attention}
+  """The runtime policy with `auto` dtypes resolved for this backend (accelerator.py)."""
+  return {"param_dtype": mcfg.param_dtype, "dtype": resolve_dtype(mcfg.dtype), "remat": mcfg.remat,
+          "attention": mcfg.attention}
 
 
 def model_config(mcfg) -> ModelConfig:
-  """The ModelConfig a run uses, without loading weights."""
+  """The ModelConfig a run uses, without loading weights; `auto` dtype and attention are resolved here."""
   if mcfg.source:
-    return convert.model_config(mcfg.source, **runtime(mcfg))
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  return ModelConfig(**{k: v for k, v in mcfg.init.to_dict().items() if k in fields}, **runtime(mcfg))
+    cfg = convert.model_config(mcfg.source, **runtime(mcfg))
+  else:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in mcfg.init.to_dict().items() if k in fields}, **runtime(mcfg))
+  return cfg.replace(attention=resolved_attention(cfg))
+
+
+def resolved_attention(cfg: ModelConfig) -> str:
+  """`auto` -> the implementation it names on this backend, decided once, before any trace. Explicit names
+  pass through (checked where the step is built), so a run trained with `cudnn` still loads on a CPU."""
+  if cfg.attention != "auto":
+    return cfg.attention
+  windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w]
+  return resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim, windows[0] if windows else None,
+                           softcap=cfg.attn_softcap)
 
 
 def load_tokenizer(mcfg):
@@ -45,7 +61,7 @@ def build_model(cfg, weights: bool = True) -> Decoder:
 
   mcfg, lc = cfg.model, cfg.lora
   if mcfg.source and weights:
-    model = convert.load_pretrained(mcfg.source, **runtime(mcfg)).model
+    model = convert.load_pretrained(mcfg.source, **runtime(mcfg) | {"attention": model_config(mcfg).attention}).model
   else:
     model = init_model(model_config(mcfg), seed=cfg.seed)
   adapter_dir = mcfg.get("adapter", "") or ""
@@ -74,13 +90,15 @@ def split_model(model: Decoder, cfg):
   """-> (graphdef, trainable params, frozen params) as pure dicts (of arrays, or of ShapeDtypeStructs for an
   abstract model).
 
-  Trainable leaves are fp32 master weights; the frozen base's float Params are stored in `lora.base_dtype`.
+  Trainable leaves are fp32 master weights; the frozen base's float Params are stored in `lora.base_dtype`
+  (`auto`: the compute dtype on GPU/TPU, fp32 on CPU).
   Other frozen state (NF4 codes and scales, PiSSA's initial factors) keeps its dtype.
   """
   extra = extra_pattern(cfg.lora, model.config.tie_word_embeddings) if cfg.train.mode == "lora" else ""
   check_extra(model, cfg.lora.extra_trainable if cfg.train.mode == "lora" else "")
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, extra), ...)
-  base_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
+  base = resolve_base_dtype(cfg.lora.base_dtype, cfg.model.dtype)
+  base_dtype = jnp.dtype(base) if cfg.train.mode == "lora" else None
   params = jax.tree.map(lambda x: cast(x, jnp.float32), nnx.to_pure_dict(trainable))
 
   def cast_base(var):

@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
           "tokenizer": "",  # empty: the source's; "bytes": the built-in byte tokenizer
           "init": model_init,
           "param_dtype": "float32",
-          "dtype": "float32",
+          "dtype": "auto",  # auto: bf16 compute on GPU/TPU, fp32 on CPU (jaxtele/accelerator.py)
           "remat": "none",  # a policy name: see models/config.py REMAT_POLICIES
           "attention": "auto",  # auto: the fastest implementation the backend has (models/attention.py)
           "adapter": "",  # a PEFT adapter folder to load onto the base (evaluate it, or continue training it)
@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
                 "stop_at": 0,  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
                 "loss": "plain", "loss_chunk": 1024},  # chunked: the [B, T, V] logits are never all alive
       "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear", "rslora": False,
-               "extra_trainable": "", "base_dtype": "float32",
+               "extra_trainable": "", "base_dtype": "auto",  # auto: the compute dtype on GPU/TPU, fp32 on CPU
                "variant": "lora",  # lora | dora | pissa (init from W's top singular directions)
                "dropout": 0.0,  # on the adapter input, training only
                "plus_ratio": 0.0,  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
@@ -135,7 +135,7 @@ POSITIVE_OR_UNSET = Rule(float, lo=0.0, lo_open=True, optional=True)
 RULES = {
     "run_dir": Rule(str), "seed": NONNEG,
     "model.source": STR, "model.tokenizer": STR, "model.param_dtype": choice(*DTYPES),
-    "model.dtype": choice(*DTYPES), "model.remat": choice(*REMAT_POLICIES),
+    "model.dtype": choice(*DTYPES, "auto"), "model.remat": choice(*REMAT_POLICIES),
     "model.attention": choice(*ATTENTION_IMPLS), "model.adapter": STR,
     "model.init.model_type": choice(*FAMILIES), "model.init.vocab_size": POSITIVE,
     "model.init.hidden_size": POSITIVE, "model.init.intermediate_size": POSITIVE, "model.init.num_layers": POSITIVE,
@@ -158,7 +158,7 @@ RULES = {
     "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
     "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
     "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
-    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES), "lora.variant": choice(*VARIANTS),
+    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES, "auto"), "lora.variant": choice(*VARIANTS),
     "lora.dropout": Rule(float, lo=0.0, hi=1.0, hi_open=True), "lora.plus_ratio": Rule(float, lo=0.0),
     "lora.quantize_base": choice(*QUANTIZERS), "lora.double_quant": BOOL,
     "lora.train_embeddings": BOOL, "lora.train_head": BOOL, "lora.embedding_lr": Rule(float, lo=0.0),

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxtele import build, distributed
+from jaxtele.accelerator import mesh_context, set_gpu_flags
 from jaxtele.checkpoint import Checkpointer, run_meta
 from jaxtele.config import check_paths, from_argv, validate
 from jaxtele.data import setup as data_setup
@@ -229,8 +230,9 @@ def run(cfg) -> dict:
   distributed.initialize()
   s = setup(cfg)
   try:
-    result = train_loop(s)
-    return result if result["preempted"] else finish(s, result)
+    with mesh_context(s.mesh):  # the fused attention kernels take their mesh from JAX's mesh context
+      result = train_loop(s)
+      return result if result["preempted"] else finish(s, result)
   except jax.errors.JaxRuntimeError as e:  # a collective with a dead peer fails here: name the peer
     lost = distributed.explain_failure(e)
     if lost:  # nothing can shut down cleanly with a peer gone (checkpoint barriers would wait on it)
@@ -246,14 +248,16 @@ def run(cfg) -> dict:
 @cli
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
-  dry = "--dry_run" in argv
-  cfg = from_argv([a for a in argv if a != "--dry_run"])
+  set_gpu_flags()  # before JAX's backend starts: XLA reads its flags once
+  remat_table = next((a for a in argv if a.split("=")[0] == "--dry_run_remat"), None)  # [=GiB to fit]
+  dry = "--dry_run" in argv or remat_table is not None
+  cfg = from_argv([a for a in argv if a != "--dry_run" and a != remat_table])
   if dry:
-    from jaxtele.plan import plan
+    from jaxtele.plan import plan, remat_plan
 
     check_platform(cfg, lambda msg: print(msg, file=sys.stderr))
     validate(cfg, build.model_config(cfg.model), jax.device_count(), jax.process_count())
-    plan(cfg)
+    plan(cfg, **(remat_plan(remat_table) if remat_table else {}))
     return 0
   run(cfg)
   return 0

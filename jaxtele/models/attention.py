@@ -6,10 +6,12 @@ Every attention call in the project goes through `attention()`, which dispatches
 honours the contract on this backend; `resolve_attention` says which). The contract: causal, within one
 segment, never onto padding (segment 0); outputs at padding positions are unspecified but finite.
 Soft-capping (Gemma 2: scores -> tanh(scores / cap) * cap before masking) only `xla` implements; the fused
-kernels refuse it, and `auto` picks `xla` for it.
+kernels refuse it, and `auto` picks `xla` for it. Under a mesh context (`jax.set_mesh`) the fused kernels run
+per device under `shard_map` (kernels/sharded.py).
 Legend: B batch, T query length, S key length, N query heads, K kv heads, G groups N//K, H head dim.
 """
 
+import functools
 import math
 
 import jax
@@ -19,6 +21,7 @@ import numpy as np
 from jaxtele.errors import JaxteleError
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.kernels import cudnn, pallas
+from jaxtele.models.kernels.sharded import sharded
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 
@@ -74,16 +77,17 @@ def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, back
   if impl not in ATTENTION_IMPLS:
     raise JaxteleError(f"model.attention: unknown implementation {impl!r} (choose from {', '.join(ATTENTION_IMPLS)})")
   backend = backend or jax.default_backend()
-  cudnn_ok = (jnp.dtype(dtype).name in cudnn.DTYPES and head_dim % 8 == 0
-              and head_dim <= (cudnn.max_head_dim() if backend == "gpu" else 128))
+  cudnn_ok = jnp.dtype(dtype).name in cudnn.DTYPES and head_dim % 8 == 0 and head_dim <= (cudnn.max_head_dim() if backend == "gpu" else 128)
   if softcap and impl in ("cudnn", "pallas"):
     raise JaxteleError(f"model.attention={impl}: the kernel has no attention-logit soft-capping "
                        f"(softcap={softcap}); use xla or auto")
-  if impl == "auto":
+  if impl == "auto":  # the README's table "Which attention `auto` runs"
     if softcap:
       return "xla"
     if backend == "gpu":
-      return "cudnn" if cudnn_ok else ("xla" if sliding_window else "pallas")
+      # Never Triton: its fp32 [128, head_dim] blocks overflow shared memory at head dim 128, and every bf16/fp16
+      # head dim it compiles for (powers of two, 16..128) cuDNN takes too.
+      return "cudnn" if cudnn_ok else "xla"
     return "pallas" if backend == "tpu" else "xla"
   if impl == "cudnn":
     if backend != "gpu":
@@ -109,11 +113,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, im
   backend = jax.default_backend()
   impl = resolve_attention(impl, q_BTNH.dtype, H, sliding_window, backend, softcap)
   if impl == "cudnn":
-    return cudnn.cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window)
+    # Per shard, like Pallas: cuDNN's own partitioning rules are not relied on for heads that do not split.
+    kernel = functools.partial(cudnn.cudnn_attention, sliding_window=sliding_window)
+    return sharded(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   if impl == "pallas":
-    return pallas.pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window,
-                                   kernel=pallas_kernel(backend, sliding_window),
-                                   interpret=backend not in ("gpu", "tpu"))
+    kernel = functools.partial(pallas.pallas_attention, sliding_window=sliding_window,
+                               kernel=pallas_kernel(backend, sliding_window), interpret=backend not in ("gpu", "tpu"))
+    return sharded(kernel, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, sliding_window=sliding_window, softcap=softcap)
 
 

@@ -12,6 +12,8 @@ on documents per row from the data pipeline.
 Legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,8 +26,10 @@ def segment_mask(segment_ids_BT):
   return (same_BTS & (segment_ids_BT[:, None, :] != 0))[:, None]
 
 
+@functools.lru_cache(maxsize=1)
 def max_head_dim() -> int:
-  """cuDNN flash attention takes head dims up to 128, or 256 on Hopper and later (multiples of 8)."""
+  """cuDNN flash attention takes head dims up to 128, or 256 on Hopper and later (multiples of 8).
+  Cached: `build` asks first, so the model's trace never queries devices."""
   try:
     major = int(str(jax.devices("gpu")[0].compute_capability).split(".")[0])
   except (RuntimeError, IndexError, AttributeError, ValueError):
