@@ -50,16 +50,17 @@ class Forgetting:
       params = put(build.split_model(build.build_model(s.cfg), s.cfg)[1], s.state_sh["params"])
     out = evaluate(params, scored_bytes(s.tokenizer))
     nbytes = {n: out[f"eval/{n}/bytes"] for n in self.roles}
-    self.base = {"bytes": nbytes, **{f"{r}_bpb": v for r, v in self.pooled(out, nbytes).items()}}
+    bpb = self.pooled(out, nbytes)
+    self.base = {"bytes": nbytes, **{f"{r}_bpb": v for r, v in bpb.items()}}
     if jax.process_index() == 0:
       with open(self.path, "w") as f:
         json.dump(self.base, f, indent=2)
     self.log(f"forgetting base: domain bpb {self.base['domain_bpb']:.4f}, general bpb {self.base['general_bpb']:.4f}")
-    return out | self.metrics(0, out)
+    return out | self.metrics(0, out, bpb)
 
-  def metrics(self, step: int, out: dict) -> dict:
+  def metrics(self, step: int, out: dict, bpb: dict | None = None) -> dict:
     """forget/* of one evaluation; logs when general bpb is over budget."""
-    bpb = self.pooled(out, self.base["bytes"])
+    bpb = bpb or self.pooled(out, self.base["bytes"])
     d, g = bpb["domain"], bpb["general"]
     base = {"domain_bpb": self.base["domain_bpb"], "general_bpb": self.base["general_bpb"]}
     over = frontier.over_budget(g, base, self.budget)
