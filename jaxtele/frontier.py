@@ -136,3 +136,50 @@ def select_step(run_dir: str, selection: str, step: int | None) -> int:
   if s["best_within_budget"] is None:
     raise JaxteleError(f"--select: no checkpoint of {run_dir} is within its forgetting budget (+{s['budget']:.1%})")
   return s["best_within_budget"]
+
+
+# --- The report's section (`python -m jaxtele.report`): the frontier over checkpoints and over runs. ---
+
+def report_section(runs, out_dir: str, figure, save) -> list[str]:
+  """Markdown lines: a plot of domain bpb against general bpb per checkpoint (each run's frontier joined, its best
+  within budget starred, the budget's general-bpb limit dashed) and the frontier over all runs, with a table."""
+  found = [(r.name, summary(r.dir)) for r in runs]
+  found = [(n, s) for n, s in found if s["points"]]
+  if not found:
+    return ["_Skipped: no run logged forget/* evaluations (train with eval.forgetting_base=True)._", ""]
+  pooled = [p | {"run": n} for n, s in found for p in s["points"] if p["checkpoint"]]
+  overall = {(p["run"], p["step"]) for p in pooled
+             if not any(q["domain_bpb"] <= p["domain_bpb"] and q["general_bpb"] <= p["general_bpb"] and
+                        (q["domain_bpb"] < p["domain_bpb"] or q["general_bpb"] < p["general_bpb"]) for q in pooled)}
+  best = best_within_budget(pooled)
+  plt, fig, (ax,) = figure()
+  for name, s in found:
+    pts = s["points"]
+    line = ax.plot([p["general_bpb"] for p in pts], [p["domain_bpb"] for p in pts], "o", alpha=0.4, label=name)[0]
+    front = sorted((p for p in pts if p["step"] in s["frontier"]), key=lambda p: p["general_bpb"])
+    ax.plot([p["general_bpb"] for p in front], [p["domain_bpb"] for p in front], "-", color=line.get_color())
+    if s["base"]:
+      ax.plot(s["base"]["general_bpb"], s["base"]["domain_bpb"], "s", color=line.get_color())
+      if s["budget"]:
+        ax.axvline(s["base"]["general_bpb"] * (1 + s["budget"]), ls="--", lw=0.8, color=line.get_color())
+    b = next((p for p in pts if p["step"] == s["best_within_budget"]), None)
+    if b:
+      ax.plot(b["general_bpb"], b["domain_bpb"], "*", ms=14, color=line.get_color())
+  front = sorted((p for p in pooled if (p["run"], p["step"]) in overall), key=lambda p: p["general_bpb"])
+  ax.plot([p["general_bpb"] for p in front], [p["domain_bpb"] for p in front], "k:", lw=1, label="frontier over runs")
+  ax.set(xlabel="general bpb (right = forgetting)", ylabel="domain bpb (down = gain)",
+         title="Domain gain vs forgetting (squares: base, stars: best within budget)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  png = save(plt, fig, out_dir, "frontier.png")
+  fmt = lambda p: f"step {p['step']} ({p['domain_bpb']:.4f}, {p['general_bpb']:.4f})" if p else "none"  # noqa: E731
+  rows = ["| run | budget | base (domain, general bpb) | frontier steps | best within budget |", "|---|---|---|---|---|"]
+  for name, s in found:
+    b = next((p for p in s["points"] if p["step"] == s["best_within_budget"]), None)
+    base = f"({s['base']['domain_bpb']:.4f}, {s['base']['general_bpb']:.4f})" if s["base"] else "n/a"
+    rows.append(f"| {name} | {'+' + format(s['budget'], '.1%') if s['budget'] else 'none'} | {base} | "
+                f"{', '.join(map(str, s['frontier']))} | {fmt(b)} |")
+  over_runs = f"{best['run']} {fmt(best)}" if best else "none"
+  return [f"![Domain gain vs forgetting]({png})", "", *rows, "",
+          f"Over runs: frontier {', '.join(f'{r} step {s}' for r, s in sorted(overall))}; best within budget: "
+          f"{over_runs}.", ""]

@@ -242,6 +242,9 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
            ("Gradient norms", plot_grad_norms(runs, out_dir)), ("Intruder dimensions", plot_intruders(runs, out_dir))]
   for title, (png, why) in plots:
     page += [f"## {title}", "", f"![{title}]({png})" if png else f"_Skipped: {why}._", ""]
+  from jaxtele.frontier import report_section
+
+  page += ["## Gain against forgetting: the frontier", "", *report_section(runs, out_dir, _figure, _save)]
   intruders = [(r.name, r.diagnostics["intruders_total"]) for r in runs if r.diagnostics]
   if intruders:
     page += ["Total intruder dimensions: " + ", ".join(f"{n} {t}" for n, t in intruders), ""]
