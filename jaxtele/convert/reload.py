@@ -22,9 +22,21 @@ def _optional(name: str):
 
 
 def jax_logits(model, ids_BT) -> np.ndarray:
+  """One compiled forward (cached across models of one structure): eager ops would compile one by one."""
   import jax.numpy as jnp
 
-  return np.asarray(model(jnp.asarray(ids_BT, jnp.int32)), np.float32)
+  return np.asarray(_forward()(model, jnp.asarray(ids_BT, jnp.int32)), np.float32)
+
+
+_FORWARD = []
+
+
+def _forward():
+  if not _FORWARD:
+    from flax import nnx
+
+    _FORWARD.append(nnx.jit(lambda model, ids_BT: model(ids_BT)))
+  return _FORWARD[0]
 
 
 class Artifact:
