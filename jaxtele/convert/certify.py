@@ -139,7 +139,7 @@ class Reference:
   def __init__(self, model, tokenizer, texts=None):
     from jaxtele.models.lora import lora_paths
 
-    tic = time.time()
+    tic, cpu = time.time(), time.process_time()
     self.model, self.tokenizer = model, tokenizer
     self.texts = tuple(texts or BUILTIN_TEXT)
     vocab = model.config.vocab_size
@@ -155,7 +155,7 @@ class Reference:
     self.logits = jax_logits(model, self.ids_BT)
     self.template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     self._stops = None
-    self.seconds = time.time() - tic
+    self.seconds, self.cpu_seconds = time.time() - tic, time.process_time() - cpu
 
   def stops(self) -> bool:
     """Whether the source model itself ends its chat turn within GEN_TOKENS (one generation, once)."""
@@ -259,7 +259,7 @@ def _reload(fmt, folder, base, ref) -> tuple[Artifact, dict]:
 def certify(folder: str, fmt: str, ref: Reference, model, *, dtype=None, quant="f16", base="", log=print) -> dict:
   """Run the checks in order on the export in `folder` (temporary) and write `folder/certificate.json`; the first
   failed check raises one line naming it and its number (the caller then removes the folder)."""
-  tic = time.time()
+  tic, cpu = time.time(), time.process_time()
   art, checks = None, {}
 
   def logits():
@@ -283,7 +283,8 @@ def certify(folder: str, fmt: str, ref: Reference, model, *, dtype=None, quant="
   cert = {"format": fmt, "quant": quant if fmt == "gguf" else None, "passed": True,
           "probe": {"rows": int(ref.ids_BT.shape[0]), "tokens": int(ref.ids_BT.shape[1]),
                     "texts": [t[:80] for t in ref.texts]},
-          "checks": checks, "seconds": round(time.time() - tic + ref.seconds, 2), "versions": versions()}
+          "checks": checks, "seconds": round(time.time() - tic + ref.seconds, 2),
+          "cpu_seconds": round(time.process_time() - cpu + ref.cpu_seconds, 2), "versions": versions()}
   write_certificate(folder, cert)
   skipped = [n for n, c in checks.items() if c["status"] == "skipped"]
   log(f"certified {fmt}: max |dlogit| {checks['logits']['max_abs']:.2g}, mean KL {checks['logits']['mean_kl']:.2g} "
