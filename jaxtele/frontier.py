@@ -145,8 +145,8 @@ def report_section(runs, out_dir: str, figure, save) -> list[str]:
   within budget starred, the budget's general-bpb limit dashed) and the frontier over all runs, with a table."""
   found = [(r.name, summary(r.dir)) for r in runs]
   found = [(n, s) for n, s in found if s["points"]]
-  if not found:
-    return ["_Skipped: no run logged forget/* evaluations (train with eval.forgetting_base=True)._", ""]
+  if not found:  # runs without eval.forgetting_base: no section
+    return []
   pooled = [p | {"run": n} for n, s in found for p in s["points"] if p["checkpoint"]]
   overall = {(p["run"], p["step"]) for p in pooled
              if not any(q["domain_bpb"] <= p["domain_bpb"] and q["general_bpb"] <= p["general_bpb"] and

@@ -244,7 +244,8 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
     page += [f"## {title}", "", f"![{title}]({png})" if png else f"_Skipped: {why}._", ""]
   from jaxtele.frontier import report_section
 
-  page += ["## Gain against forgetting: the frontier", "", *report_section(runs, out_dir, _figure, _save)]
+  frontier = report_section(runs, out_dir, _figure, _save)  # only for runs with eval.forgetting_base
+  page += ["## Gain against forgetting: the frontier", "", *frontier] if frontier else []
   intruders = [(r.name, r.diagnostics["intruders_total"]) for r in runs if r.diagnostics]
   if intruders:
     page += ["Total intruder dimensions: " + ", ".join(f"{n} {t}" for n, t in intruders), ""]

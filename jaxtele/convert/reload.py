@@ -23,9 +23,15 @@ def _optional(name: str):
 
 def jax_logits(model, ids_BT) -> np.ndarray:
   """One compiled forward (cached across models of one structure): eager ops would compile one by one."""
+  import jax
   import jax.numpy as jnp
+  from flax import nnx
 
-  return np.asarray(_forward()(model, jnp.asarray(ids_BT, jnp.int32)), np.float32)
+  # nnx.jit writes its outputs back into the model's variables: a shallow copy keeps the caller's arrays as
+  # they were, so what is exported afterwards is computed from the same inputs, bit for bit.
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, jax.tree.map(lambda x: x, nnx.to_pure_dict(state)))  # new variables, same arrays
+  return np.asarray(_forward()(copy, jnp.asarray(ids_BT, jnp.int32)), np.float32)
 
 
 _FORWARD = []
