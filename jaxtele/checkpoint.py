@@ -29,11 +29,29 @@ def fingerprint(tree) -> str:
   return h.hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class KeepSteps:
+  """Orbax preservation policy: keep the steps in `steps`, a set its owner updates (the frontier)."""
+  steps: set
+
+  def should_preserve(self, checkpoints, *, context):
+    return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
+  """`keep` latest steps, plus any step in `self.protected` (frontier checkpoints): keep-last-N never deletes them."""
+
   def __init__(self, run_dir: str, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self.protected = set()
+    policies = ocp.checkpoint_managers.preservation_policy
+    keeping = policies.AnyPreservationPolicy([policies.LatestN(keep), KeepSteps(self.protected)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=keeping, enable_async_checkpointing=async_save,
+                                           create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

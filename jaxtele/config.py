@@ -54,10 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
       # every 0: only at the end; at_start: a baseline before the first step (what forgetting is measured against)
       "eval": {"every": 0, "at_start": False, "max_batches": 8, "batch_size": 8, "sets": (),
                # also evaluate once the run has seen >= each of these input token counts; log: (first, last, n)
-               "at_tokens": (), "at_tokens_log": ()},
+               "at_tokens": (), "at_tokens_log": (),
+               "forgetting_base": False},  # score each eval against the frozen base in bpb (frontier.py)
       "train": {"mode": "full", "steps": 100, "grad_accum": 1, "log_every": 10,
                 "stop_at": 0,  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
-                "loss": "plain", "loss_chunk": 1024},  # chunked: the [B, T, V] logits are never all alive
+                "loss": "plain", "loss_chunk": 1024,  # chunked: the [B, T, V] logits are never all alive
+                "forgetting_budget": 0.0, "on_budget": "continue"},  # 0.02: general bpb at most +2% over the base
       "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear", "rslora": False,
                "extra_trainable": "", "base_dtype": "auto",  # auto: the compute dtype on GPU/TPU, fp32 on CPU
                "variant": "lora",  # lora | dora | pissa (init from W's top singular directions)
@@ -73,7 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
       # Axis sizes (-1: the rest of the devices); require: refuse to run on another platform.
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "require": "any"},
       "checkpoint": {"every": 100, "keep": 3, "async_save": True, "resume": True},
-      "export": {"hf": False, "adapter": False, "merged": False, "dtype": FieldReference(None, field_type=str)},
+      "export": {"hf": False, "adapter": False, "merged": False, "dtype": FieldReference(None, field_type=str),
+                 "verify": True},  # the export certificate (convert/certify.py)
       # Weights & Biases beside metrics.jsonl (same keys): an empty project turns it off; offline needs no network.
       "metrics": {"wandb": {"project": "", "name": "", "entity": "", "mode": "offline"}},
   })
@@ -155,6 +158,9 @@ RULES = {
     "data.split_before_shuffle": BOOL,
     "eval.every": NONNEG, "eval.at_start": BOOL, "eval.max_batches": NONNEG, "eval.batch_size": POSITIVE,
     "eval.sets": Rule(tuple), "eval.at_tokens": Rule(tuple), "eval.at_tokens_log": Rule(tuple),
+    "eval.forgetting_base": BOOL,
+    "train.forgetting_budget": Rule(float, lo=0.0), "train.on_budget": choice("continue", "stop"),
+    "export.verify": BOOL,
     "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
     "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
     "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
@@ -317,8 +323,23 @@ def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
     raise JaxteleError(f"config: optimizer.decay_fraction: {cfg.optimizer.decay_fraction} + optimizer.warmup_ratio "
                        f"({cfg.optimizer.warmup_ratio}) exceed 1 (the run has no room for its warmup and decay)")
   requested_tokens(cfg.eval)
+  check_forgetting(cfg)
   if cfg.train.stop_at > cfg.train.steps:
     raise JaxteleError(f"config: train.stop_at: {cfg.train.stop_at} is past train.steps ({cfg.train.steps})")
+
+
+def check_forgetting(cfg):
+  from jaxtele.frontier import ROLES, role
+
+  for i, spec in enumerate(cfg.eval.sets):
+    if spec.get("role", "domain") not in ROLES:
+      raise JaxteleError(f"config: eval.sets[{i}].role: {spec['role']!r} is not one of {', '.join(ROLES)}")
+  roles = {role(spec) for spec in cfg.eval.sets}
+  if cfg.eval.forgetting_base and roles != set(ROLES):
+    raise JaxteleError("config: eval.forgetting_base: needs a domain and a general eval set (eval.sets[i].role), "
+                       f"has {', '.join(sorted(roles)) or 'none'}")
+  if cfg.train.forgetting_budget > 0 and not cfg.eval.forgetting_base:
+    raise JaxteleError("config: train.forgetting_budget: needs eval.forgetting_base=True")
 
 
 def print_config(cfg, file=None):

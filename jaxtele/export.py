@@ -16,6 +16,9 @@ Sources: an HF folder, an HF hub id (online), a `.gguf` file, a jaxtele folder, 
            LoRA merged first), matrices in --quant f16 | bf16 | q8_0 | f32
 The output is written to a temporary sibling and renamed into place at the end, so a failed export
 never leaves a half-written folder, and an existing output is replaced only with `--overwrite`.
+Before the rename the export is reloaded and checked against the in-memory model (`convert/certify.py`);
+`certificate.json` beside it records the checks, and a failed check stops the export (`--no-verify` skips them).
+`--select best-within-budget` exports a run's best checkpoint within its forgetting budget (`frontier.py`).
 """
 
 import argparse
@@ -25,6 +28,8 @@ import shutil
 import sys
 import tempfile
 
+from jaxtele import frontier
+from jaxtele.convert import certify
 from jaxtele.errors import JaxteleError, cli
 
 FORMATS = ("hf", "adapter", "jaxtele", "gguf")
@@ -104,7 +109,7 @@ def run_lora_info(cfg) -> dict:
   return {"rslora": cfg.lora.rslora, "modules_to_save": saved_modules(cfg.lora, tied) if wants else []}
 
 
-def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -> dict:
+def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, verify=None) -> dict:
   """A run's exports as its config asks, under `root` (default `run_dir/export/`): `hf` (full FT);
   `adapter` (+ `base` when needed) and `merged` (LoRA)."""
   from flax import nnx
@@ -121,15 +126,19 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None) -
   if cfg.train.mode == "lora" and (cfg.export.merged or cfg.export.hf):
     jobs.append(("merged", "hf"))
   written = {}
+  verify = cfg.export.get("verify", True) if verify is None else verify
+  ref = certify.Reference(nnx.merge(graphdef, params, frozen), tokenizer, certify.probe_text(cfg)) \
+      if verify and jobs else None
   for name, fmt in jobs:
     base = adapter_base(cfg, graphdef, params, frozen, os.path.join(root, "base"), tokenizer, dtype) \
         if fmt == "adapter" else ""
     with atomic_output_dir(os.path.join(root, name), overwrite=True) as tmp:
-      write(nnx.merge(graphdef, params, frozen), fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base,
-            dequantize=dequantize)
+      model = nnx.merge(graphdef, params, frozen)
+      write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base, dequantize=dequantize)
       # The run's resolved config travels with the weights: evaluation prompts with its SFT template.
       with open(os.path.join(tmp, "jaxtele_run.json"), "w") as f:
         f.write(cfg.to_json(indent=2))
+      certify.verify(tmp, fmt, ref, model, dtype=dtype, base=base, log=log)
     written[name] = os.path.join(root, name)
     log(f"exported {name}: {written[name]}")
   return written
@@ -151,7 +160,8 @@ def load_adapter_source(source: str, base: str | None):
 
 
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
-           step: int | None = None, base: str | None = None, dequantize: bool = False, quant: str = "f16"):
+           step: int | None = None, base: str | None = None, dequantize: bool = False, quant: str = "f16",
+           verify: bool = True, select: str | None = None):
   from flax import nnx
 
   from jaxtele.convert import load_pretrained
@@ -165,7 +175,9 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
 
     if quant not in QUANTS:
       raise JaxteleError(f"--quant: cannot write {quant!r} (choose from {', '.join(QUANTS)})")
-  lora, adapter_on = None, ""
+  lora, adapter_on, cfg = None, "", None
+  if select:
+    step = frontier.select_step(source, select, step)
   if os.path.isfile(os.path.join(source, "adapter_config.json")):
     model, tokenizer, lora, adapter_on = load_adapter_source(source, base)
   elif os.path.isdir(os.path.join(source, "checkpoints")):
@@ -183,9 +195,11 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
       raise JaxteleError("--base: only for a PEFT adapter source (a folder with adapter_config.json)")
     pre = load_pretrained(source)
     model, tokenizer = pre.model, pre.tokenizer
+  ref = certify.Reference(model, tokenizer, certify.probe_text(cfg)) if verify else None  # before any merge
   with atomic_output_dir(out, overwrite) as tmp:
     write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=adapter_on, dequantize=dequantize,
           quant=quant)
+    certify.verify(tmp, fmt, ref, model, dtype=dtype, quant=quant, base=adapter_on)
   print(f"exported {source} -> {out} ({fmt}{', base ' + adapter_on if adapter_on else ''})")
 
 
@@ -229,6 +243,9 @@ def main(argv=None):
   p.add_argument("--drop", type=float, default=0.0, help="dare: the probability an entry is dropped")
   p.add_argument("--seed", type=int, default=0, help="dare: the seed of the drop masks")
   p.add_argument("--rank", type=int, default=None, help="ties/dare as an adapter: its rank (default: summed)")
+  p.add_argument("--no-verify", action="store_true", help="skip the export certificate's checks")
+  p.add_argument("--select", default=None, choices=frontier.SELECTIONS,
+                 help="run directories: which checkpoint (best-within-budget: lowest domain bpb within the budget)")
   args = p.parse_args(argv)
   if args.merge_adapters:
     export_merged(args.merge_adapters, args.weights, args.out, args.format or "adapter", args.method, args.base,
@@ -237,7 +254,7 @@ def main(argv=None):
   if not args.source:
     raise JaxteleError("--source is required (or --merge-adapters)")
   export(args.source, args.out, args.format or "hf", args.dtype, args.overwrite, args.step, args.base,
-         args.dequantize, args.quant)
+         args.dequantize, args.quant, verify=not args.no_verify, select=args.select)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,10 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
   ranks = diagnose_plots.rank_table(runs)
   if ranks:
     page += ["Effective rank of dW next to the most an update of that module could have:", ""] + ranks + [""]
+  from jaxtele.frontier import report_section
+
+  frontier = report_section(runs, out_dir, _figure, _save)  # only for runs with eval.forgetting_base
+  page += ["## Gain against forgetting: the frontier", "", *frontier] if frontier else []
   intruders = [(r.name, r.diagnostics["intruders_total"]) for r in runs if r.diagnostics]
   if intruders:
     page += ["Total intruder dimensions: " + ", ".join(f"{n} {t}" for n, t in intruders), ""]

@@ -65,6 +65,7 @@ class Setup:
   writer: MetricsWriter
   throughput: Throughput
   clock: TokenClock  # tokens seen at a step; the steps eval.at_tokens asks for
+  forget: object = None  # forgetting.Forgetting with eval.forgetting_base
 
 
 def check_platform(cfg, log):
@@ -141,9 +142,15 @@ def setup(cfg) -> Setup:
                              config=cfg.to_dict()), throughput, clock)
 
 
-def run_evaluation(s: Setup, step: int) -> dict:
+def run_evaluation(s: Setup, step: int, base: bool = False) -> dict:
   shape = (s.cfg.eval.batch_size // jax.process_count(), s.cfg.data.seq_len)
-  out = evaluate(s.eval_step, s.state["params"], s.frozen, s.eval_sets, s.mesh, s.cfg.eval.max_batches, shape)
+  run = lambda params, byte_count=None: evaluate(s.eval_step, params, s.frozen, s.eval_sets, s.mesh,  # noqa: E731
+                                                 s.cfg.eval.max_batches, shape, byte_count)
+  if base:  # the frozen base, once: every later evaluation is scored against it (forgetting.py)
+    out = s.forget.evaluate_base(s, run, step)
+  else:
+    out = run(s.state["params"])
+    out |= s.forget.metrics(step, out) if s.forget else {}
   s.writer.write(step, out, s.log, index=s.clock.index(step))
   return out
 
@@ -175,7 +182,13 @@ def train_loop(s: Setup) -> dict:
       s.writer.write(n, metrics, index=s.clock.index(n))
       s.writer.progress(n, cfg.train.steps, metrics)
 
-  if s.eval_sets and cfg.eval.at_start and step == 0:
+  if s.eval_sets and cfg.eval.get("forgetting_base"):
+    from jaxtele.forgetting import Forgetting
+
+    s.forget = Forgetting(cfg, s.log)
+    if s.forget.base is None:
+      result["eval_start"] = run_evaluation(s, 0, base=True)
+  if s.eval_sets and cfg.eval.at_start and step == 0 and "eval_start" not in result:
     result["eval_start"] = run_evaluation(s, 0)
   pending = None
   if step < end:
@@ -187,6 +200,7 @@ def train_loop(s: Setup) -> dict:
     periodic = cfg.eval.every and step % cfg.eval.every == 0
     evaluate_now = s.eval_sets and (periodic or step in s.clock.eval_steps) and step < end
     save_now = step % cfg.checkpoint.every == 0 or step == end or preempt.raised
+    evaluate_now = evaluate_now or (s.forget and save_now and not preempt.raised)  # each checkpoint gets a verdict
     if pending:
       settle(pending, window_ends=not (evaluate_now or save_now))
     pending = (step, m, local)
@@ -194,7 +208,12 @@ def train_loop(s: Setup) -> dict:
       settle(pending)  # never evaluate or save a step whose metrics were not checked
       pending = None
     if evaluate_now:
-      run_evaluation(s, step)
+      result["eval"], result["eval_step"] = run_evaluation(s, step), step
+      if s.forget and s.forget.over(step) and s.forget.stop:
+        s.ckpt.wait()  # this step is not saved: the newest checkpoint stays the last one within budget
+        return {"preempted": False, "budget_stop": True, "step": step, "losses": losses, **result}
+      if s.forget:
+        s.forget.protect(s.ckpt, step if save_now else None)
     if save_now:
       s.ckpt.save(step, s.state, s.data_iter, s.meta)  # before the next batch is drawn: the iterator is at `step`
       last_saved = step
@@ -213,11 +232,19 @@ def train_loop(s: Setup) -> dict:
 
 def finish(s: Setup, result: dict) -> dict:
   cfg, step = s.cfg, result["step"]
-  if step < cfg.train.steps:
+  if result.get("budget_stop"):
+    s.log(f"stopped at step {step}: over the forgetting budget (train.on_budget=stop); the newest checkpoint is the "
+          f"last within budget (python -m jaxtele.export --source {cfg.run_dir} --select best-within-budget)")
+  elif step < cfg.train.steps:
     s.log(f"stopped at step {step} (train.stop_at); resume with train.stop_at=0 to finish")
-  if s.eval_sets:
+  if s.eval_sets and not (s.forget and result.get("eval_step") == step):
     result["eval"] = run_evaluation(s, step)
-  if step == cfg.train.steps and (cfg.export.hf or cfg.export.adapter or cfg.export.merged):
+  if s.forget and distributed.is_main():
+    from jaxtele.frontier import write_summary
+
+    result["frontier"] = write_summary(cfg.run_dir, s.forget.budget, s.log)
+  exports = cfg.export.hf or cfg.export.adapter or cfg.export.merged
+  if step == cfg.train.steps and not result.get("budget_stop") and exports:
     from jaxtele.export import export_run
 
     params_host, frozen_host = host_copy((s.state["params"], s.frozen))

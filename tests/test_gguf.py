@@ -189,7 +189,7 @@ def test_cli_exports_a_lora_run_merged(tiny_run, tmp_path, hf_logits):
 
   run = tiny_run("lora_for_gguf", "--config.train.mode=lora", "--config.lora.rank=4", "--config.export.merged=True")
   main(["--source", str(run), "--out", str(tmp_path / "g"), "--format", "gguf", "--quant", "f32"])
-  assert sorted(os.listdir(tmp_path / "g")) == ["model.gguf"]
+  assert sorted(os.listdir(tmp_path / "g")) == ["certificate.json", "model.gguf"]
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"), dtype=torch.float32)
   theirs = transformers_gguf(tmp_path / "g", "model.gguf")
   tokens = np.random.default_rng(0).integers(3, 200, size=(2, 24))
