@@ -18,7 +18,8 @@ from jaxtele.models.lora import QUANTIZERS, add_lora, merge_lora, quantize_base,
 
 
 def runtime(mcfg) -> dict:
-  return {"param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype, "remat": mcfg.remat, "attention": mcfg.attention}
+  return {"param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype, "remat": mcfg.remat, "attention": mcfg.attention,
+          "scan_layers": bool(mcfg.get("scan_layers", False))}
 
 
 def model_config(mcfg) -> ModelConfig:
