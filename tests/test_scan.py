@@ -1,4 +1,4 @@
-"""`model.scan_layers`: the scanned stack equals the unrolled loop (losses, gradients, generation) on llama and
+"""`model.scan_layers`: the scanned stack equals the unrolled loop (losses, gradients) on llama and
 Gemma 2/3's per-layer windows and RoPE bases, with LoRA, DoRA, NF4 bases and mixed adapters; the parameter tree
 and exports are unchanged; Gemma 3 scanned still matches `transformers`."""
 
@@ -90,9 +90,9 @@ def test_layer_period_groups_repeating_layers_and_falls_back_when_none_repeat():
   assert scan.scan_plan(model.layers)[1] == 1
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3"])  # llama: the LoRA test below
+@pytest.mark.parametrize("name", ["gemma3"])  # llama: the LoRA test; gemma2 (windows, soft-caps): the DoRA test
 def test_scanned_loss_and_grads_equal_the_loop(name):
-  cfg = FAMILIES[name].replace(remat="dots_saveable" if name == "gemma3" else "none")
+  cfg = FAMILIES[name].replace(remat="dots_saveable")
   model = init_model(cfg, seed=0)
   loop, scanned = loss_and_grads(model, False), loss_and_grads(model, True)
   groups = PLANS[name][1]
@@ -111,9 +111,7 @@ def test_lora_with_dropout_and_remat_draws_the_same_masks_scanned():
   loop, scanned = (loss_and_grads(model, s, nnx.Param, dropout_key=key) for s in (False, True))
   assert "length=3" in scanned[2] and "remat" in scanned[2]
   assert_same(loop, scanned)
-  # Without dropout the value differs: the masks are really applied, in both.
-  no_dropout = loss_and_grads(model, True, nnx.Param)
-  assert abs(float(no_dropout[0]) - float(scanned[0])) > 1e-4
+  assert "random_bits" in loop[2] and "random_bits" in scanned[2]  # the masks are really drawn, in both
 
 
 def test_dora_on_nf4_base_with_two_adapters_in_a_mixed_batch():
@@ -144,16 +142,6 @@ def test_tree_and_hf_export_unchanged(tmp_path, make_hf_model, hf_logits, assert
   tokens = np.random.default_rng(0).integers(0, 97, size=(2, 20))  # longer than the window of 8
   diff = np.abs(np.asarray(ours(tokens)) - hf_logits(ref, tokens)).max()
   assert diff <= 1e-4, diff
-
-
-def test_generation_with_scanning_equals_the_loop():
-  from jaxtele.eval.generate import Sampling, generate
-
-  cfg = FAMILIES["gemma3"]
-  prompts = [[5, 6, 7, 8, 9], [3, 4]]
-  out = [generate(init_model(cfg.replace(scan_layers=s), seed=2), prompts, Sampling(max_new_tokens=5))
-         for s in (False, True)]
-  assert out[0] == out[1] and all(len(o) == 5 for o in out[0])
 
 
 def test_config_key_reaches_the_model_and_not_the_checkpoint_identity():
