@@ -23,7 +23,7 @@ from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_patter
 def runtime(mcfg) -> dict:
   """The runtime policy with `auto` dtypes resolved for this backend (accelerator.py)."""
   return {"param_dtype": mcfg.param_dtype, "dtype": resolve_dtype(mcfg.dtype), "remat": mcfg.remat,
-          "attention": mcfg.attention}
+          "attention": mcfg.attention, "scan_layers": bool(mcfg.get("scan_layers", False))}
 
 
 def model_config(mcfg) -> ModelConfig:

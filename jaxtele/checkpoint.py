@@ -105,7 +105,8 @@ def run_meta(cfg, model_cfg, frozen, data_seed: int) -> dict:
   from jaxtele.models.lora import lora_meta
 
   lora = lora_meta(cfg.lora) if cfg.train.mode == "lora" else None
-  model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("remat", "dtype", "attention")}
+  runtime = ("remat", "dtype", "attention", "scan_layers")
+  model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in runtime}
   meta = {"model": model, "mode": cfg.train.mode, "lora": lora,
           "base_fingerprint": fingerprint(frozen) if cfg.train.mode == "lora" else None,
           "base_source": cfg.model.source, "process_count": jax.process_count(), "data_seed": data_seed,

@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
           "dtype": "auto",  # auto: bf16 compute on GPU/TPU, fp32 on CPU (jaxtele/accelerator.py)
           "remat": "none",  # a policy name: see models/config.py REMAT_POLICIES
           "attention": "auto",  # auto: the fastest implementation the backend has (models/attention.py)
+          "scan_layers": False,  # compile one body for repeating layers (models/scan.py); same tree and values
           "adapter": "",  # a PEFT adapter folder to load onto the base (evaluate it, or continue training it)
       },
       "data": data_defaults(),
@@ -139,7 +140,7 @@ RULES = {
     "run_dir": Rule(str), "seed": NONNEG,
     "model.source": STR, "model.tokenizer": STR, "model.param_dtype": choice(*DTYPES),
     "model.dtype": choice(*DTYPES, "auto"), "model.remat": choice(*REMAT_POLICIES),
-    "model.attention": choice(*ATTENTION_IMPLS), "model.adapter": STR,
+    "model.attention": choice(*ATTENTION_IMPLS), "model.adapter": STR, "model.scan_layers": BOOL,
     "model.init.model_type": choice(*FAMILIES), "model.init.vocab_size": POSITIVE,
     "model.init.hidden_size": POSITIVE, "model.init.intermediate_size": POSITIVE, "model.init.num_layers": POSITIVE,
     "model.init.num_heads": POSITIVE, "model.init.num_kv_heads": POSITIVE, "model.init.head_dim": Rule(int, lo=2),

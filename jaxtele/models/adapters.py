@@ -59,6 +59,18 @@ def adapter_inputs(*, adapter_ids_B=None, names=(), dropout_key=None):
     _INPUTS.reset(token)
 
 
+def dropout_calls():
+  """The dropout call counter of the current `adapter_inputs` (None without dropout): a scanned layer stack
+  (models/scan.py) carries it through the scan so keys match the unrolled loop's."""
+  ctx = _INPUTS.get()
+  return ctx.calls if ctx is not None and ctx.dropout_key is not None else None
+
+
+def set_dropout_calls(calls):
+  if calls is not None:
+    _INPUTS.get().calls = calls
+
+
 def dropout(x, rate: float, key):
   if key is None or rate <= 0.0:
     return x

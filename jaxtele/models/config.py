@@ -60,6 +60,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: str = "none"
   attention: str = "auto"
+  scan_layers: bool = False  # one compiled body for repeating layers (models/scan.py); same tree, same values
 
   @property
   def rope(self) -> dict:

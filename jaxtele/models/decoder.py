@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtele.errors import JaxteleError
+from jaxtele.models import adapters, scan
 from jaxtele.models.attention import apply_rope, attention, cached_attention, rope_inv_freq
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.layers import Embed, Linear, RMSNorm
@@ -154,6 +155,15 @@ class DecoderLayer(nnx.Module):
     return x_BTD + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x_BTD)))
 
 
+def _counted_layer_call(layer, x_BTD, positions_BT, segment_ids_BT, calls):
+  """A layer's forward that takes and returns the adapters' dropout call count (None without dropout): the
+  count crosses a scan or remat as a value. (A remat'd function is traced once and reused for every layer of
+  the same shape, so a count kept only on the context would give every layer the same dropout masks.)"""
+  adapters.set_dropout_calls(calls)
+  x_BTD = layer(x_BTD, positions_BT, segment_ids_BT)
+  return x_BTD, adapters.dropout_calls() if calls is not None else None
+
+
 class Decoder(nnx.Module):
   """tokens, positions, segment_ids [B, T] int32 -> logits [B, T, V] (compute dtype)."""
 
@@ -168,9 +178,8 @@ class Decoder(nnx.Module):
 
   def hidden_states(self, tokens_BT, positions_BT, segment_ids_BT):
     x_BTD = self.embed_tokens(tokens_BT)
-    block = remat(DecoderLayer.__call__, self.config.remat)
-    for layer in self.layers:
-      x_BTD = block(layer, x_BTD, positions_BT, segment_ids_BT)
+    block = remat(_counted_layer_call, self.config.remat)  # the policy applies per layer, scanned or not
+    x_BTD = scan.run_layers(self.layers, block, x_BTD, positions_BT, segment_ids_BT, scan=self.config.scan_layers)
     return self.norm(x_BTD)
 
   def output_matrix(self):
