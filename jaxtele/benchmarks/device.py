@@ -48,7 +48,7 @@ GPU_ROWS = [
 SMOKE_ROWS = [("tiny", "full", "jaxtele", 2, 5, 120), ("tiny", "full", "torch-eager-packed", 2, 5, 120),
               ("tiny", "lora", "jaxtele", 2, 5, 120), ("tiny", "lora", "torch-eager-packed", 2, 5, 120)]
 GPU_SHAPE = dict(seq_len=2048, steps=10, warmup=2, dtype="bfloat16")
-SMOKE_SHAPE = dict(seq_len=64, steps=2, warmup=1, dtype="bfloat16")
+SMOKE_SHAPE = dict(seq_len=32, steps=1, warmup=0, dtype="bfloat16")
 
 
 class Log:

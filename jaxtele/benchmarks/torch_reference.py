@@ -172,7 +172,7 @@ def measure(args) -> dict:
   return {"impl": f"torch {torch.__version__} {args.torch_mode}", "mode": args.mode, "device": name,
           "torch_mode": args.torch_mode, "attention": backend, "rows": rows_label,
           "tokens_per_s": tps, "step_ms": 1000 * dt, "compile_s": first_s, "peak_bytes": peak, "peak_kind": kind,
-          "mfu": tps * fpt / peak_f if peak_f else None, "loss": float(loss), "trainable_params": n_train,
+          "mfu": tps * fpt / peak_f if peak_f else None, "loss": float(loss.detach()), "trainable_params": n_train,
           "total_params": sum(p.numel() for p in model.parameters()), "optimizer_state_bytes": state_bytes,
           "frozen_dtypes": base_dtypes, "threads": torch.get_num_threads(), "np": np.__version__}
 
