@@ -27,7 +27,7 @@ import numpy as np
 HEADS = {"smollm2": (9, 3, 64), "qwen2.5": (12, 2, 128)}  # N, K, H of the real models
 IMPLS = ("xla", "cudnn", "pallas")
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint", "torch",
-            "transformers", "peft", "triton", "numpy")
+            "transformers", "peft", "triton", "numpy", "ml-collections", "grain", "tensorboardX", "gguf")
 # Scale-free tolerances: bf16 rounds at 2^-8, and a kernel reassociates sums of up to T terms.
 TOL = {"bfloat16": {"fwd": 2e-2, "grad": 5e-2}, "float32": {"fwd": 1e-4, "grad": 1e-4}}
 LOSS_TOL = 1e-5
