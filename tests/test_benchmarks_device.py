@@ -72,6 +72,7 @@ def test_budget_stops_and_skips_rows(tmp_path):
   assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
   got = rows(out)
   assert got["checks_process"]["status"] == "fail" and "stopped" in got["checks_process"]["detail"]
+  assert got["xla_tiny"]["status"] == "skip" and "not run" in got["xla_tiny"]["detail"]
   for side in ("jaxtele", "torch-eager-packed"):
     row = got[f"bench_tiny_full_{side}"]
     assert row["status"] == "skip" and row["detail"].startswith("budget"), row
