@@ -1,10 +1,17 @@
 """The PyTorch side of `python -m jaxtele.benchmarks.train`: the same preset architecture, packed batch,
 optimizer and timing in `transformers` (+ `peft` for LoRA).
 
-bf16 autocast over fp32 master weights when --dtype bfloat16; attention: flash-attention 2 when the
-`flash_attn` package is installed (packed rows through `position_ids`, its varlen path), else SDPA with a
-block-diagonal causal mask; fused AdamW on CUDA (foreach elsewhere); gradient checkpointing when --remat is
-not `none`. The loss is the same masked token cross-entropy over fp32 logits.
+Each row is labelled with what torch ran, so a ratio says what it compares:
+- `--torch-mode eager` (stock `transformers`) or `compile` (`torch.compile` over model + loss);
+- `--rows packed`: the same packed batch as jaxtele, documents kept apart by a dense block-diagonal causal
+  mask [B, 1, T, S] handed to SDPA (the mask rules out SDPA's flash kernel on CUDA); `--rows causal`: plain
+  causal rows (positions 0..T-1, `is_causal`, documents NOT separated), cheaper than the contract jaxtele keeps;
+- the SDPA backend torch's dispatcher picked for the actual call (`torch._fused_sdp_choice` on the first call's
+  arguments), or flash-attention 2 when the `flash_attn` package is installed (packed rows via `position_ids`).
+bf16 autocast over fp32 master weights when --dtype bfloat16, and then a LoRA run's frozen base is stored in
+bf16 as jaxtele's (`lora.base_dtype`); fused AdamW on CUDA (foreach elsewhere); gradient checkpointing when
+--remat is not `none`. The loss is the same masked token cross-entropy over fp32 logits; MFU uses jaxtele's
+FLOP count (`jaxtele.metrics`) for the same architecture.
 """
 
 import argparse
@@ -12,6 +19,10 @@ import json
 import resource
 import statistics
 import time
+import types
+
+MODES = ("eager", "compile")
+ROWS = ("packed", "causal")
 
 
 def hf_config(preset: str):
@@ -27,16 +38,35 @@ def hf_config(preset: str):
   return (transformers.Qwen2Config if cfg.model_type == "qwen2" else transformers.LlamaConfig)(**kw)
 
 
-def measure(args) -> dict:
+class SdpaProbe:
+  """Records which SDPA backend the dispatcher picks for the model's own first attention call."""
+
+  def __init__(self, torch):
+    self.torch, self.choice, self.orig = torch, None, torch.nn.functional.scaled_dot_product_attention
+
+  def __enter__(self):
+    def wrapped(*args, **kw):
+      if self.choice is None:
+        try:
+          from torch.nn.attention import SDPBackend
+
+          self.choice = SDPBackend(self.torch._fused_sdp_choice(*args, **kw)).name.lower()
+        except Exception as e:  # a private API: label the row rather than fail it
+          self.choice = f"unknown ({type(e).__name__})"
+      return self.orig(*args, **kw)
+
+    self.torch.nn.functional.scaled_dot_product_attention = wrapped
+    return self
+
+  def __exit__(self, *exc):
+    self.torch.nn.functional.scaled_dot_product_attention = self.orig
+
+
+def build(args, torch, device):
   import importlib.util
 
-  import numpy as np
-  import torch
   import transformers
 
-  from jaxtele.benchmarks.batches import packed_batch
-
-  device = "cuda" if torch.cuda.is_available() else "cpu"
   flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
   config = hf_config(args.preset)
   config._attn_implementation = "flash_attention_2" if flash else "sdpa"
@@ -49,26 +79,62 @@ def measure(args) -> dict:
 
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                        target_modules="all-linear", lora_dropout=0.0))
+    if args.dtype == "bfloat16":  # the frozen base in the compute dtype, as jaxtele's lora.base_dtype
+      for p in model.parameters():
+        if not p.requires_grad:
+          p.data = p.data.to(torch.bfloat16)
+  return model, flash
+
+
+def batch_and_mask(args, torch, device, vocab, flash):
+  from jaxtele.benchmarks.batches import packed_batch
+
+  b = {k: torch.as_tensor(v, dtype=torch.long, device=device)
+       for k, v in packed_batch(args.batch, args.seq_len, vocab).items()}
+  if args.rows == "causal":
+    b["positions"] = torch.arange(args.seq_len, device=device).expand(args.batch, -1).contiguous()
+    return b, None, "causal rows (documents not separated)"
+  if flash:
+    return b, None, "packed (varlen via position_ids)"
+  seg = b["segment_ids"]
+  causal = torch.tril(torch.ones(args.seq_len, args.seq_len, dtype=torch.bool, device=device))
+  mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & causal)[:, None]
+  mask = mask | torch.eye(args.seq_len, dtype=torch.bool, device=device)  # padding rows attend to themselves
+  return b, mask, "packed, dense [B,1,T,S] mask"
+
+
+def measure(args) -> dict:
+  import numpy as np
+  import torch
+
+  from jaxtele.metrics import flops_per_token, peak_flops
+  from jaxtele.models.presets import PRESETS
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model, flash = build(args, torch, device)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           **({"fused": True} if device == "cuda" else {"foreach": True}))
-  b = {k: torch.as_tensor(v, dtype=torch.long, device=device)
-       for k, v in packed_batch(args.batch, args.seq_len, config.vocab_size).items()}
-  if flash:
-    mask = None
-  else:  # block-diagonal causal: same segment, not padding, key <= query
-    seg = b["segment_ids"]
-    causal = torch.tril(torch.ones(args.seq_len, args.seq_len, dtype=torch.bool, device=device))
-    mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & causal)[:, None]
-    mask = mask | torch.eye(args.seq_len, dtype=torch.bool, device=device)  # padding rows attend to themselves
+  b, mask, rows_label = batch_and_mask(args, torch, device, model.config.vocab_size, flash)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
-  def step():
+  def loss_fn(tokens, positions, targets, loss_mask, mask):
     with autocast:
-      logits = model(input_ids=b["tokens"], position_ids=b["positions"], attention_mask=mask).logits
-    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten(), reduction="none")
-    m = b["loss_mask"].flatten().float()
-    loss = (nll * m).sum() / m.sum()
+      logits = model(input_ids=tokens, position_ids=positions, attention_mask=mask).logits
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    m = loss_mask.flatten().float()
+    return (nll * m).sum() / m.sum()
+
+  inputs = (b["tokens"], b["positions"], b["targets"], b["loss_mask"], mask)
+  backend = "flash_attn2"
+  if not flash:  # one eager forward (grads on, as in training) tells which kernel SDPA dispatches to
+    with SdpaProbe(torch) as probe:
+      loss_fn(*inputs)
+    backend = f"sdpa:{probe.choice}"
+  fn = torch.compile(loss_fn) if args.torch_mode == "compile" else loss_fn
+
+  def step():
+    loss = fn(*inputs)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -76,6 +142,8 @@ def measure(args) -> dict:
     return loss
 
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   t0 = time.perf_counter()
   step()
   sync()
@@ -97,11 +165,21 @@ def measure(args) -> dict:
   n_train = sum(p.numel() for p in params)
   state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.dim() > 0)
-  return {"impl": f"torch {torch.__version__} ({'fa2' if flash else 'sdpa'})", "mode": args.mode, "device": name,
-          "tokens_per_s": args.batch * args.seq_len / dt, "step_ms": 1000 * dt, "compile_s": first_s,
-          "peak_bytes": peak, "peak_kind": kind, "mfu": None, "loss": float(loss), "trainable_params": n_train,
+  tps = args.batch * args.seq_len / dt
+  fpt = flops_per_token(PRESETS[args.preset], args.seq_len, args.mode, n_train if args.mode == "lora" else 0)
+  peak_f = peak_flops(types.SimpleNamespace(device_kind=name))
+  base_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad})
+  return {"impl": f"torch {torch.__version__} {args.torch_mode}", "mode": args.mode, "device": name,
+          "torch_mode": args.torch_mode, "attention": backend, "rows": rows_label,
+          "tokens_per_s": tps, "step_ms": 1000 * dt, "compile_s": first_s, "peak_bytes": peak, "peak_kind": kind,
+          "mfu": tps * fpt / peak_f if peak_f else None, "loss": float(loss.detach()), "trainable_params": n_train,
           "total_params": sum(p.numel() for p in model.parameters()), "optimizer_state_bytes": state_bytes,
-          "threads": torch.get_num_threads(), "np": np.__version__}
+          "frozen_dtypes": base_dtypes, "threads": torch.get_num_threads(), "np": np.__version__}
+
+
+def torch_args(p):
+  p.add_argument("--torch-mode", default="eager", choices=MODES)
+  p.add_argument("--rows", default="packed", choices=ROWS)
 
 
 def main():
@@ -109,6 +187,7 @@ def main():
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   common_args(p)
+  torch_args(p)
   args = p.parse_args()
   print(json.dumps(measure(args)))
 
