@@ -204,7 +204,8 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
 
 
 def export_merged(folders: str, weights: str, out: str, fmt: str = "adapter", method: str = "linear",
-                  base: str | None = None, overwrite: bool = False, dtype: str | None = None, **kw):
+                  base: str | None = None, overwrite: bool = False, dtype: str | None = None, verify: bool = True,
+                  **kw):
   """`--merge-adapters a,b --weights 0.5,0.5`: PEFT adapters on one base merged (models/merge.py) into one
   adapter (`--format adapter`) or a merged model (any other format)."""
   from jaxtele.convert.peft import merge_folders
@@ -217,9 +218,11 @@ def export_merged(folders: str, weights: str, out: str, fmt: str = "adapter", me
   if len(ws) != len(paths):
     raise JaxteleError(f"--weights: {len(ws)} weights for {len(paths)} adapters")
   model, tokenizer, base = merge_folders(paths, ws, method, base, as_adapter=fmt == "adapter", **kw)
+  base = os.path.abspath(base) if os.path.isdir(base) else base
+  ref = certify.Reference(model, tokenizer, certify.probe_text(None)) if verify else None
   with atomic_output_dir(out, overwrite) as tmp:
-    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, base=os.path.abspath(base) if os.path.isdir(base)
-          else base)
+    write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, base=base)
+    certify.verify(tmp, fmt, ref, model, dtype=dtype, base=base if fmt == "adapter" else "")
   print(f"merged {len(paths)} adapters ({method}) -> {out} ({fmt})")
 
 
@@ -249,7 +252,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.merge_adapters:
     export_merged(args.merge_adapters, args.weights, args.out, args.format or "adapter", args.method, args.base,
-                  args.overwrite, args.dtype, density=args.density, drop=args.drop, seed=args.seed, rank=args.rank)
+                  args.overwrite, args.dtype, verify=not args.no_verify, density=args.density, drop=args.drop,
+                  seed=args.seed, rank=args.rank)
     return
   if not args.source:
     raise JaxteleError("--source is required (or --merge-adapters)")

@@ -1,6 +1,8 @@
 """Adapter merging: identity for every variant, linearity against hand-computed deltas, TIES and DARE against
 their published definitions on hand-made tensors and against peft (`merge_utils`, `add_weighted_adapter`)."""
 
+import json
+
 import numpy as np
 import pytest
 import transformers
@@ -180,6 +182,9 @@ def test_cli_merge_matches_peft(two_adapters, hf_logits, capsys):
         refs[name].weight += merge_utils.ties([mod.get_delta_weight(n) for n in names], w, 0.5)
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(root / "ties")).float().eval()
   np.testing.assert_allclose(hf_logits(merged, tokens), hf_logits(ref, tokens), atol=1e-4)
+  for folder in ("lin", "ties"):  # each merged export was reloaded by peft / transformers and certified
+    cert = json.load(open(root / folder / "certificate.json"))
+    assert cert["passed"] and cert["checks"]["reload"]["status"] == "pass"
   capsys.readouterr()
   with pytest.raises(SystemExit) as e:
     main(["--merge-adapters", f"{a0},{a1}", "--weights", "0.3", "--out", str(root / "bad")])
