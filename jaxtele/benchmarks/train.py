@@ -48,7 +48,7 @@ def measure(args) -> dict:
   model_cfg = PRESETS[args.preset].replace(param_dtype="float32", dtype=args.dtype, remat=args.remat,
                                            attention=args.attention)
   # Plain attribute dicts, not ml_collections: the GPU image lacks it and the benchmark needs no flags.
-  cfg = Cfg(train=Cfg(mode=args.mode), lora=Cfg(extra_trainable="", base_dtype=args.dtype))
+  cfg = Cfg(train=Cfg(mode=args.mode), model=Cfg(dtype=args.dtype), lora=Cfg(extra_trainable="", base_dtype=args.dtype))
   model = init_model(model_cfg, seed=0)
   if args.mode == "lora":
     add_lora(model, args.rank, 2.0 * args.rank, "all-linear")
