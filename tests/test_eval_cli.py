@@ -94,13 +94,18 @@ def test_cli_on_the_gguf(shared_data, tmp_path, capsys):
         "--config.mcq.limit=2", "--config.open_qa.limit=2", "--config.generation.max_new_tokens=8",
         f"--config.forgetting.base={gguf}"])
   res = json.load(open(tmp_path / "results.json"))
-  assert set(res["perplexity"]) == {"3gpp_heldout", "wikitext2"}
+  assert set(res["perplexity"]) == {"3gpp_heldout", "3gpp_heldout_spec", "wikitext2"}
   assert 5 < res["perplexity"]["wikitext2"]["ppl"] < 200
   # max_batches=1: about one batch of whole documents, and the page says how little of each set that is
   held, wiki = res["perplexity"]["3gpp_heldout"], res["perplexity"]["wikitext2"]
+  spec = res["perplexity"]["3gpp_heldout_spec"]
   assert (held["documents_total"], wiki["documents_total"]) == (233, 62)  # held-out clauses; ` = Title = ` lines
-  for r in (held, wiki):
-    assert r["documents"] >= 1 and r["fraction_scored"] == pytest.approx(r["tokens"] / r["tokens_total"]) < 0.05
+  # Whole specs at fraction 0.1: TS 23.502, 38.211, 38.214, the clauses `prepare --heldout-spec-fraction 0.1` puts
+  # in eval_spec; none of them is also in the clause-held-out set.
+  assert spec["documents_total"] == 1428 and set(spec["by_spec"]) <= {"TS 23.502", "TS 38.211", "TS 38.214"}
+  for r in (held, wiki, spec):
+    assert r["documents"] >= 1 and r["fraction_scored"] == pytest.approx(r["tokens"] / r["tokens_total"])
+    assert r["fraction_scored"] < 0.05
   assert res["mcq"]["teleqna_standards"]["raw"]["items"] == 2
   assert res["open_qa"]["teleqna_standards_open"]["template"] == "tokenizer"  # GGUF: its own chat template
   f = res["forgetting"]["sets"]["wikitext2"]
