@@ -205,7 +205,9 @@ def build_tokenizer(meta: dict, source: str):
     raise JaxteleError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported ({', '.join(PRE_TOKENIZERS)})")
   tokens = list(meta["tokenizer.ggml.tokens"])
   types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-  merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+  # A byte-level vocabulary with no merges (jaxtele's byte tokenizer) is written with an empty merge list,
+  # which the GGUF writer leaves out.
+  merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
   tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("smollm", "gpt2", "default"))
   if pre == "smollm":
