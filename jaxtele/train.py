@@ -199,8 +199,9 @@ def train_loop(s: Setup) -> dict:
     step += 1
     periodic = cfg.eval.every and step % cfg.eval.every == 0
     evaluate_now = s.eval_sets and (periodic or step in s.clock.eval_steps) and step < end
-    save_now = step % cfg.checkpoint.every == 0 or step == end or preempt.raised
-    evaluate_now = evaluate_now or (s.forget and save_now and not preempt.raised)  # each checkpoint gets a verdict
+    stop = preempt.raised  # read once: a signal arriving later in this step is handled (and saved) at the next
+    save_now = step % cfg.checkpoint.every == 0 or step == end or stop
+    evaluate_now = evaluate_now or (s.forget and save_now and not stop)  # each checkpoint gets a verdict
     if pending:
       settle(pending, window_ends=not (evaluate_now or save_now))
     pending = (step, m, local)
@@ -217,9 +218,9 @@ def train_loop(s: Setup) -> dict:
     if save_now:
       s.ckpt.save(step, s.state, s.data_iter, s.meta)  # before the next batch is drawn: the iterator is at `step`
       last_saved = step
-    if preempt.raised:
+    if stop:
       s.ckpt.wait()
-      s.log(f"{preempt.raised}: saved step {step} to {s.ckpt.directory}; resume with the same command")
+      s.log(f"{stop}: saved step {step} to {s.ckpt.directory}; resume with the same command")
       return {"preempted": True, "step": step, "losses": losses}
     if step < end:
       local = next(s.data_iter)

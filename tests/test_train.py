@@ -142,7 +142,8 @@ def test_two_processes_match_one(tmp_path, train_cli, launch_two, logged):
   of 1 process x 8 devices, and their checkpoint resumes in 1 process. Every document is the same, so
   batches are the same however data is sharded."""
   corpus = tmp_path / "same.jsonl"
-  corpus.write_text((json.dumps({"text": "The AMF handles registration and mobility for the UE. " * 2}) + "\n") * 64)
+  # One document shorter than a row: no piece is cut before the shuffle, so every row is the same on any shard.
+  corpus.write_text((json.dumps({"text": "The AMF handles registration and mobility."}) + "\n") * 64)
   common = [f"--config.data.sources=[{{'type': 'jsonl', 'path': '{corpus}'}}]", "--config.train.steps=5",
             "--config.train.log_every=1", "--config.mesh.data=2", "--config.mesh.fsdp=4",
             f"--config.eval.sets=[{{'name': 'same', 'sources': [{{'type': 'jsonl', 'path': '{corpus}'}}]}}]",
