@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtele import convert
+from jaxtele import convert, source
 from jaxtele.accelerator import resolve_base_dtype, resolve_dtype
 from jaxtele.data.byte_tokenizer import byte_tokenizer
 from jaxtele.errors import JaxteleError
@@ -23,13 +23,13 @@ from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_patter
 def runtime(mcfg) -> dict:
   """The runtime policy with `auto` dtypes resolved for this backend (accelerator.py)."""
   return {"param_dtype": mcfg.param_dtype, "dtype": resolve_dtype(mcfg.dtype), "remat": mcfg.remat,
-          "attention": mcfg.attention, "scan_layers": bool(mcfg.get("scan_layers", False))}
+          "attention": mcfg.attention, "scan_layers": mcfg.scan_layers}
 
 
 def model_config(mcfg) -> ModelConfig:
   """The ModelConfig a run uses, without loading weights; `auto` dtype and attention are resolved here."""
   if mcfg.source:
-    cfg = convert.model_config(mcfg.source, **runtime(mcfg))
+    cfg = source.model_config(model_source(mcfg), **runtime(mcfg))
   else:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in mcfg.init.to_dict().items() if k in fields}, **runtime(mcfg))
@@ -46,10 +46,17 @@ def resolved_attention(cfg: ModelConfig) -> str:
                            softcap=cfg.attn_softcap)
 
 
+def model_source(mcfg) -> source.Source:
+  return source.resolve(mcfg.source, flags=source.Flags("model.source", "model.step", "model.base"))
+
+
 def load_tokenizer(mcfg):
+  """`model.tokenizer` (a source, or `bytes`), else the tokenizer `model.source` comes with."""
   if mcfg.tokenizer == "bytes":
     return byte_tokenizer()
-  return convert.load_tokenizer(mcfg.tokenizer or mcfg.source)
+  if mcfg.tokenizer or not mcfg.source:
+    return convert.load_tokenizer(mcfg.tokenizer)
+  return source.tokenizer(model_source(mcfg))
 
 
 def build_model(cfg, weights: bool = True) -> Decoder:
@@ -61,26 +68,26 @@ def build_model(cfg, weights: bool = True) -> Decoder:
 
   mcfg, lc = cfg.model, cfg.lora
   if mcfg.source and weights:
-    model = convert.load_pretrained(mcfg.source, **runtime(mcfg) | {"attention": model_config(mcfg).attention}).model
+    model = source.model(model_source(mcfg), runtime(mcfg) | {"attention": model_config(mcfg).attention})
   else:
     model = init_model(model_config(mcfg), seed=cfg.seed)
-  adapter_dir = mcfg.get("adapter", "") or ""
-  quant = lc.get("quantize_base", "none") or "none"
+  adapter_dir = mcfg.adapter
+  quant = lc.quantize_base
   if quant not in QUANTIZERS:
     raise JaxteleError(f"lora.quantize_base: unknown {quant!r} (choose from {', '.join(QUANTIZERS)})")
   if cfg.train.mode != "lora":
     if quant != "none":
       raise JaxteleError("lora.quantize_base: a quantized base cannot be fully fine-tuned (train.mode=lora)")
     return merge_lora(load_adapter(model, adapter_dir)) if adapter_dir else model
-  variant = lc.get("variant", "lora")
-  quantize = lambda: quant == "nf4" and quantize_base(model, double_quant=lc.get("double_quant", False))
+  variant = lc.variant
+  quantize = lambda: quant == "nf4" and quantize_base(model, double_quant=lc.double_quant)
   if variant != "pissa":  # PiSSA takes its SVD of the float base and quantizes the residual, as PEFT advises
     quantize()
   if adapter_dir:
     load_adapter(model, adapter_dir)
   else:
     add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora, variant=variant,
-             dropout=lc.get("dropout", 0.0))
+             dropout=lc.dropout)
   if variant == "pissa":
     quantize()
   return model
@@ -124,19 +131,15 @@ def abstract_split(cfg):
 def load_run(run_dir: str, step: int | None = None):
   """(config, graphdef, params, frozen, tokenizer) of a run's checkpoint (latest, or `step`); the base is
   reloaded from the run's `model.source` and must match the fingerprint the checkpoint recorded."""
-  import ml_collections
-
   from jaxtele.checkpoint import Checkpointer, check_compatible, fingerprint
-  from jaxtele.errors import JaxteleError
+  from jaxtele.run import RunDir
 
+  run = RunDir(run_dir)
+  step = run.step(step)
+  meta, cfg = run.meta(step), run.config(step)
+  graphdef, params, frozen = split_model(build_model(cfg), cfg)
+  if cfg.train.mode == "lora":
+    check_compatible(meta, {**meta, "base_fingerprint": fingerprint(frozen)}, run.step_dir(step))
   with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise JaxteleError(f"{ckpt.directory}: no checkpoint")
-    meta = ckpt.read_meta(step)
-    cfg = ml_collections.ConfigDict(meta["config"])
-    graphdef, params, frozen = split_model(build_model(cfg), cfg)
-    if cfg.train.mode == "lora":
-      check_compatible(meta, {**meta, "base_fingerprint": fingerprint(frozen)}, f"{ckpt.directory}/{step}")
     params = ckpt.restore_params(step, params, cfg)
   return cfg, graphdef, params, frozen, load_tokenizer(cfg.model)

@@ -9,7 +9,6 @@ plus the base's identity; the base is reloaded from `model.source` and must matc
 import dataclasses
 import hashlib
 import json
-import os
 
 import grain
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtele.errors import JaxteleError
+from jaxtele.run import RunDir
 
 
 def fingerprint(tree) -> str:
@@ -42,7 +42,7 @@ class Checkpointer:
   """`keep` latest steps, plus any step in `self.protected` (frontier checkpoints): keep-last-N never deletes them."""
 
   def __init__(self, run_dir: str, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    self.directory = RunDir(run_dir).checkpoints
     self.protected = set()
     policies = ocp.checkpoint_managers.preservation_policy
     keeping = policies.AnyPreservationPolicy([policies.LatestN(keep), KeepSteps(self.protected)])

@@ -28,9 +28,10 @@ import shutil
 import sys
 import tempfile
 
-from jaxtele import frontier
+from jaxtele import frontier, source as model_source
 from jaxtele.convert import certify
 from jaxtele.errors import JaxteleError, cli
+from jaxtele.run import write_record
 
 FORMATS = ("hf", "adapter", "jaxtele", "gguf")
 GGUF_FILE = "model.gguf"
@@ -90,7 +91,7 @@ def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str
   from jaxtele.models.lora import strip_adapters
 
   src = cfg.model.source
-  if src and os.path.isfile(os.path.join(src, "config.json")) and not cfg.lora.extra_trainable:
+  if src and model_source.resolve(src).kind == "hf" and not cfg.lora.extra_trainable:
     return os.path.abspath(src)
   # The original base: a PiSSA residual gets its top-R part back; an NF4 base is written dequantized.
   base = strip_adapters(nnx.merge(graphdef, params, frozen))
@@ -104,7 +105,7 @@ def run_lora_info(cfg) -> dict:
   from jaxtele.build import model_config
   from jaxtele.models.lora import saved_modules
 
-  wants = cfg.lora.get("train_embeddings", False) or cfg.lora.get("train_head", False)
+  wants = cfg.lora.train_embeddings or cfg.lora.train_head
   tied = model_config(cfg.model).tie_word_embeddings if wants else False
   return {"rslora": cfg.lora.rslora, "modules_to_save": saved_modules(cfg.lora, tied) if wants else []}
 
@@ -117,7 +118,7 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, v
   root = root or os.path.join(cfg.run_dir, "export")
   dtype = cfg.export.dtype or cfg.model.param_dtype
   lora = run_lora_info(cfg)
-  dequantize = cfg.lora.get("quantize_base", "none") not in (None, "none")
+  dequantize = cfg.lora.quantize_base != "none"
   jobs = []
   if cfg.train.mode == "full" and cfg.export.hf:
     jobs.append(("hf", "hf"))
@@ -126,7 +127,7 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, v
   if cfg.train.mode == "lora" and (cfg.export.merged or cfg.export.hf):
     jobs.append(("merged", "hf"))
   written = {}
-  verify = cfg.export.get("verify", True) if verify is None else verify
+  verify = cfg.export.verify if verify is None else verify
   ref = certify.Reference(nnx.merge(graphdef, params, frozen), tokenizer, certify.probe_text(cfg)) \
       if verify and jobs else None
   for name, fmt in jobs:
@@ -136,36 +137,24 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, v
       model = nnx.merge(graphdef, params, frozen)
       write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base, dequantize=dequantize)
       # The run's resolved config travels with the weights: evaluation prompts with its SFT template.
-      with open(os.path.join(tmp, "jaxtele_run.json"), "w") as f:
-        f.write(cfg.to_json(indent=2))
+      write_record(tmp, cfg)
       certify.verify(tmp, fmt, ref, model, dtype=dtype, base=base, log=log)
     written[name] = os.path.join(root, name)
     log(f"exported {name}: {written[name]}")
   return written
 
 
-def load_adapter_source(source: str, base: str | None):
-  """A PEFT adapter folder on its base -> (model with the adapter, tokenizer, lora info, base path)."""
-  from jaxtele.convert import load_pretrained
-  from jaxtele.convert.peft import load_adapter, read_config
+def adapter_info(folder: str) -> dict:
+  """What re-exporting a PEFT adapter keeps: rsLoRA and the whole modules it trained."""
+  from jaxtele.convert.peft import read_config
 
-  config = read_config(source)
-  base = base or config.get("base_model_name_or_path") or ""
-  if not base:
-    raise JaxteleError(f"{source}: the adapter names no base model; pass --base")
-  pre = load_pretrained(base)
-  load_adapter(pre.model, source)
-  info = {"rslora": bool(config.get("use_rslora")), "modules_to_save": config["modules_to_save"]}
-  return pre.model, pre.tokenizer, info, base
+  config = read_config(folder)
+  return {"rslora": bool(config.get("use_rslora")), "modules_to_save": config["modules_to_save"]}
 
 
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,
            step: int | None = None, base: str | None = None, dequantize: bool = False, quant: str = "f16",
            verify: bool = True, select: str | None = None):
-  from flax import nnx
-
-  from jaxtele.convert import load_pretrained
-
   if fmt not in FORMATS:
     raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
   if dtype not in (None, *DTYPES):
@@ -178,23 +167,17 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
   lora, adapter_on, cfg = None, "", None
   if select:
     step = frontier.select_step(source, select, step)
-  if os.path.isfile(os.path.join(source, "adapter_config.json")):
-    model, tokenizer, lora, adapter_on = load_adapter_source(source, base)
-  elif os.path.isdir(os.path.join(source, "checkpoints")):
-    from jaxtele.build import load_run
-
-    cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
-    model = nnx.merge(graphdef, params, frozen)
+  m = model_source.load(model_source.resolve(source, step, base))
+  model, tokenizer = m.model, m.tokenizer
+  if m.kind == "peft":
+    lora, adapter_on = adapter_info(source), m.base
+  elif m.kind == "run":
+    cfg = m.run_cfg
     lora = run_lora_info(cfg)
     if fmt == "adapter" and cfg.train.mode == "lora":
       # Beside the adapter, not inside it: `out` is replaced as a whole.
-      adapter_on = adapter_base(cfg, graphdef, params, frozen, out.rstrip("/") + "-base", tokenizer,
+      adapter_on = adapter_base(cfg, m.graphdef, m.params, m.frozen, out.rstrip("/") + "-base", tokenizer,
                                 dtype or cfg.model.param_dtype)
-  else:
-    if base:
-      raise JaxteleError("--base: only for a PEFT adapter source (a folder with adapter_config.json)")
-    pre = load_pretrained(source)
-    model, tokenizer = pre.model, pre.tokenizer
   ref = certify.Reference(model, tokenizer, certify.probe_text(cfg)) if verify else None  # before any merge
   with atomic_output_dir(out, overwrite) as tmp:
     write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=adapter_on, dequantize=dequantize,

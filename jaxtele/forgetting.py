@@ -15,17 +15,18 @@ import os
 import jax
 
 from jaxtele import frontier
+from jaxtele.run import FORGETTING_BASE, RunDir
 
-BASE_FILE = "forgetting_base.json"
+BASE_FILE = FORGETTING_BASE
 
 
 class Forgetting:
   def __init__(self, cfg, log):
     self.cfg, self.log = cfg, log
     self.roles = {spec.get("name", f"set{i}"): frontier.role(spec) for i, spec in enumerate(cfg.eval.sets)}
-    self.budget = float(cfg.train.get("forgetting_budget", 0.0) or 0.0)
-    self.stop = cfg.train.get("on_budget", "continue") == "stop"
-    self.path = os.path.join(cfg.run_dir, BASE_FILE)
+    self.budget = float(cfg.train.forgetting_budget)
+    self.stop = cfg.train.on_budget == "stop"
+    self.path = RunDir(cfg.run_dir).file(BASE_FILE)
     self.base = json.load(open(self.path)) if os.path.isfile(self.path) else None
     self.history = frontier.points(frontier.read_rows(cfg.run_dir), self.budget)
 

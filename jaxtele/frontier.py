@@ -5,7 +5,7 @@ pooled over the eval sets of each role) beside the frozen base's (`forget/base_*
 the frontier when no other has both a lower-or-equal domain bpb and a lower-or-equal general bpb (one strictly);
 it is within budget when its general bpb is at most (1 + train.forgetting_budget) x the base's. The best within
 budget has the lowest domain bpb among those (ties: the lower general bpb, then the earlier step).
-Reads only files (metrics.jsonl, checkpoint folders and their JSON meta): no JAX.
+Reads only files (metrics.jsonl, checkpoint folders and their JSON meta), through `run.RunDir`.
 """
 
 import json
@@ -13,11 +13,12 @@ import os
 import re
 
 from jaxtele.errors import JaxteleError
+from jaxtele.run import FRONTIER, RunDir
 
 ROLES = ("domain", "general")
 SELECTIONS = ("best-within-budget",)
 GENERAL_NAME = re.compile(r"wiki|general|web|english|c4|pile|fineweb", re.IGNORECASE)
-SUMMARY = "frontier.json"
+SUMMARY = FRONTIER
 KEYS = ("forget/domain_bpb", "forget/general_bpb")
 
 
@@ -27,7 +28,7 @@ def role(spec: dict) -> str:
 
 
 def read_rows(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
+  path = RunDir(run_dir).metrics
   rows = []
   if os.path.isfile(path):
     with open(path) as f:
@@ -82,19 +83,13 @@ def best_within_budget(pts: list[dict]) -> dict | None:
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
-  folder = os.path.join(run_dir, "checkpoints")
-  return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
+  return RunDir(run_dir).steps()
 
 
 def run_budget(run_dir: str) -> float:
   """train.forgetting_budget from the config stored with the run's latest checkpoint (0: none)."""
-  for step in reversed(checkpoint_steps(run_dir)):
-    path = os.path.join(run_dir, "checkpoints", str(step), "meta", "metadata")
-    try:
-      return float(json.load(open(path))["config"]["train"].get("forgetting_budget", 0.0) or 0.0)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-      continue
-  return 0.0
+  cfg = RunDir(run_dir).latest_config()
+  return float(cfg.train.forgetting_budget) if cfg is not None else 0.0
 
 
 def summary(run_dir: str, budget: float | None = None) -> dict:
@@ -111,13 +106,13 @@ def summary(run_dir: str, budget: float | None = None) -> dict:
 
 def write_summary(run_dir: str, budget: float, log=print) -> dict:
   s = summary(run_dir, budget)
-  with open(os.path.join(run_dir, SUMMARY), "w") as f:
+  with open(RunDir(run_dir).file(SUMMARY), "w") as f:
     json.dump(s, f, indent=2)
   if s["points"]:
     best = next((p for p in s["points"] if p["step"] == s["best_within_budget"]), None)
     what = (f"step {best['step']} (domain bpb {best['domain_bpb']:.4f}, general bpb {best['general_bpb']:.4f}, "
             f"{best.get('general_increase', 0.0):+.2%} vs the base)") if best else "none"
-    log(f"frontier: steps {s['frontier']}; best within budget: {what}; {os.path.join(run_dir, SUMMARY)}")
+    log(f"frontier: steps {s['frontier']}; best within budget: {what}; {RunDir(run_dir).file(SUMMARY)}")
   return s
 
 
@@ -127,7 +122,7 @@ def select_step(run_dir: str, selection: str, step: int | None) -> int:
     raise JaxteleError(f"--select: unknown {selection!r} (choose from {', '.join(SELECTIONS)})")
   if step is not None:
     raise JaxteleError("--select: give either --select or --step, not both")
-  if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if not RunDir(run_dir).is_run():
     raise JaxteleError(f"--select: {run_dir} is not a run directory")
   s = summary(run_dir)
   if not s["points"]:

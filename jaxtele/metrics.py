@@ -18,6 +18,8 @@ import time
 
 import jax
 
+from jaxtele.run import TENSORBOARD, RunDir
+
 # Dense bf16 peak FLOP/s by device kind; the most specific name first (device_kind strings: "NVIDIA H100 80GB
 # HBM3" is the SXM part, "NVIDIA H100 PCIe", "TPU v5 lite" is v5e, plain "TPU v5" / "TPU v5p" is v5p).
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12),
@@ -93,10 +95,10 @@ class MetricsWriter:
     self.wb = None
     if enabled:
       os.makedirs(run_dir, exist_ok=True)
-      self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+      self.jsonl = open(RunDir(run_dir).metrics, "a")
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+      self.tb = SummaryWriter(RunDir(run_dir).file(TENSORBOARD))
       self.wb = wandb_run(run_dir, wandb, config)
 
   def write(self, step: int, metrics: dict, log=None, index: dict | None = None):

@@ -4,11 +4,11 @@ One Markdown page (DIR/report.md, PNG plots beside it, linked relatively) compar
 the runs' key settings, final metrics, loss curves, eval perplexities over steps (or `--x tokens_seen`,
 `tokens_per_param`), domain gain vs general loss, gradient norms per group, and intruder dimensions from
 RUN_DIR/diagnostics.json (`python -m jaxtele.eval.diagnose`). What a plot needs and no run has is noted on the page, not fatal.
-Reads only files (metrics.jsonl, the latest checkpoint's JSON meta, diagnostics.json): no JAX.
+Reads only files (metrics.jsonl, the latest checkpoint's JSON meta, diagnostics.json), through `run.RunDir`.
+A run that has logged no metrics is an error: there is nothing to compare.
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -16,6 +16,7 @@ import sys
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval import diagnose_plots
 from jaxtele.eval.diagnose import read_metrics
+from jaxtele.run import DIAGNOSTICS, RunDir, read_json
 
 DOMAIN_RE, GENERAL_RE = r"3gpp|telecom", r"wikitext"
 PPL = re.compile(r"^eval/(.+)/ppl$")
@@ -29,10 +30,14 @@ class Run:
     if not os.path.isdir(run_dir):
       raise JaxteleError(f"{run_dir}: no such run directory")
     self.dir, self.name = run_dir, name
+    run = RunDir(run_dir)
     self.rows = read_metrics(run_dir)
-    self.config = latest_config(run_dir)
-    diag = os.path.join(run_dir, "diagnostics.json")
-    self.diagnostics = json.load(open(diag)) if os.path.isfile(diag) else None
+    if not self.rows:
+      raise JaxteleError(f"{run.metrics}: {'empty' if os.path.isfile(run.metrics) else 'missing'} "
+                         "(the run has logged no metrics yet: nothing to report)")
+    self.config = run.latest_config()  # None without a checkpoint
+    diag = run.file(DIAGNOSTICS)
+    self.diagnostics = read_json(diag, "diagnostics") if os.path.isfile(diag) else None
 
   def series(self, key: str, x: str = "step") -> tuple[list, list]:
     """(x values, values) of `key` over the rows that have both (x: step, tokens_seen or tokens_per_param)."""
@@ -47,38 +52,15 @@ class Run:
     return sorted({m.group(1) for r in self.rows for k in r if (m := PPL.match(k))})
 
 
-def latest_config(run_dir: str) -> dict:
-  """The resolved config stored with the run's latest checkpoint ({} if there is none)."""
-  ckpt = os.path.join(run_dir, "checkpoints")
-  steps = sorted((int(d) for d in os.listdir(ckpt) if d.isdigit()), reverse=True) if os.path.isdir(ckpt) else []
-  for step in steps:
-    path = os.path.join(ckpt, str(step), "meta", "metadata")
-    if os.path.isfile(path):
-      try:
-        return json.load(open(path)).get("config", {})
-      except (OSError, json.JSONDecodeError):
-        continue
-  return {}
-
-
 def settings(run: Run) -> dict:
   c = run.config
-  get = lambda *keys: _dig(c, keys)  # noqa: E731
-  mode, lr = get("train", "mode"), get("optimizer", "lr")
-  steps, batch, seq = get("train", "steps"), get("data", "batch_size"), get("data", "seq_len")
-  return {"mode": mode, "lora rank": get("lora", "rank") if mode == "lora" else "-",
-          "lr": f"{lr:.2e}" if lr is not None else None, "steps": steps,
-          "batch x seq": f"{batch} x {seq}" if batch else None,
-          "token slots": f"{steps * batch * seq:,}" if steps and batch and seq else None,
-          "model": get("model", "source") or "random init"}
-
-
-def _dig(d, keys):
-  for k in keys:
-    if not isinstance(d, dict) or k not in d:
-      return None
-    d = d[k]
-  return d
+  if c is None:  # no checkpoint to read the config from
+    return {"mode": None, "lora rank": None, "lr": None, "steps": None, "batch x seq": None, "token slots": None,
+            "model": None}
+  mode, steps, batch, seq = c.train.mode, c.train.steps, c.data.batch_size, c.data.seq_len
+  return {"mode": mode, "lora rank": c.lora.rank if mode == "lora" else "-", "lr": f"{c.optimizer.lr:.2e}",
+          "steps": steps, "batch x seq": f"{batch} x {seq}", "token slots": f"{steps * batch * seq:,}",
+          "model": c.model.source or "random init"}
 
 
 def md_table(header: list, rows: list[list]) -> str:

@@ -7,8 +7,9 @@ import math
 import os
 
 from jaxtele.errors import JaxteleError
+from jaxtele.run import SWEEP_POINT, RunDir
 
-POINT_FILE = "sweep_point.json"
+POINT_FILE = SWEEP_POINT
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; past 30 the normal 1.96 is within 2%.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -20,7 +21,7 @@ def t975(df: int) -> float:
 
 
 def read_rows(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
+  path = RunDir(run_dir).metrics
   if not os.path.isfile(path):
     return []
   rows = []
@@ -50,7 +51,7 @@ def point_metrics(run_dir: str) -> tuple[dict, list]:
 
 def status(p: dict) -> str | None:
   """How a point ended (`done`, `failed`), or None while it has not."""
-  path = os.path.join(p["run_dir"], POINT_FILE)
+  path = RunDir(p["run_dir"]).file(POINT_FILE)
   if not os.path.isfile(path):
     return None
   try:

@@ -12,8 +12,10 @@ from jaxtele.eval.mcq import DEFAULT_TEMPLATE as MCQ_TEMPLATE, LETTER_TEMPLATE
 def default_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict({
       "model": {
-          "source": "",  # run directory, HF folder, jaxtele folder, hub id or .gguf (--model overrides)
+          "source": "",  # any model source (jaxtele/source.py): run directory, PEFT adapter, HF / jaxtele folder,
+          # hub id or .gguf (--model overrides)
           "step": FieldReference(None, field_type=int),  # run directories: a checkpoint step (None: latest)
+          "base": "",  # PEFT adapters: the base model (empty: the adapter's base_model_name_or_path)
           "param_dtype": "float32",
           "dtype": "float32",
       },

@@ -28,8 +28,10 @@ import sys
 
 import numpy as np
 
+from jaxtele import source
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval import reach
+from jaxtele.run import DIAGNOSTICS, RunDir
 
 GRAD_PREFIX = "train/grad_norm"
 EPS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -111,7 +113,7 @@ def intruders_by_eps(rows: list[dict], grid=EPS_GRID) -> dict:
 
 def read_metrics(run_dir: str) -> list[dict]:
   """metrics.jsonl rows; a step logged twice (a resumed run) keeps its last row."""
-  path = os.path.join(run_dir, "metrics.jsonl")
+  path = RunDir(run_dir).metrics
   if not os.path.isfile(path):
     return []
   by_step = {}
@@ -180,7 +182,7 @@ def load(run_dir: str, step: int | None = None):
 
 def tuned_and_base(cfg, model, base_src: str | None = None):
   """({path: tuned kernel}, {path: base kernel}, {path: the update's maximum rank}) of a loaded run's model."""
-  from jaxtele import build, convert
+  from jaxtele import build
 
   pairs = reach.kernels(model)
   if cfg.train.mode == "lora":
@@ -192,7 +194,8 @@ def tuned_and_base(cfg, model, base_src: str | None = None):
     max_rank, base = None, None
   tuned = {p: w for p, (_, w) in pairs.items()}
   if base_src:
-    base = {p: w for p, (w, _) in reach.kernels(convert.load_pretrained(base_src).model).items()}
+    src = source.resolve(base_src, flags=source.Flags("--base"))
+    base = {p: w for p, (w, _) in reach.kernels(source.model(src)).items()}
   elif base is None:
     base = {p: w for p, (w, _) in reach.kernels(build.build_model(cfg)).items()}
   return tuned, base, max_rank
@@ -214,7 +217,7 @@ def update_ratios(run_dir: str, cfg, graphdef, params, frozen, base: dict) -> di
 
   out = {}
   with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
-    for step in sorted(ckpt.manager.all_steps()):
+    for step in RunDir(run_dir).steps():
       model = nnx.merge(graphdef, ckpt.restore_params(step, params, cfg), frozen)
       dw2, w2 = {}, {}
       for path, (_, w) in reach.kernels(model).items():
@@ -304,7 +307,7 @@ def table(result: dict) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jaxtele.eval.diagnose", description=__doc__.split("\n")[0])
   p.add_argument("run_dir")
-  p.add_argument("--base", default=None, help="base model (HF folder, hub id or .gguf); default: the run's own")
+  p.add_argument("--base", default=None, help="base model (any model source); default: the run's own")
   p.add_argument("--out", default=None, help="JSON output (default RUN_DIR/diagnostics.json)")
   p.add_argument("--k", type=int, default=10, help="top singular vectors checked for intruders")
   p.add_argument("--eps", type=float, default=0.5, help="intruder threshold on |cosine similarity|")
@@ -312,8 +315,11 @@ def main(argv=None):
   a = p.parse_args(argv)
   if not os.path.isdir(a.run_dir):
     raise JaxteleError(f"{a.run_dir}: no such run directory")
+  kind = source.resolve(a.run_dir, flags=source.Flags("RUN_DIR")).kind
+  if kind != "run":
+    raise JaxteleError(f"{a.run_dir}: a {kind} source, not a run directory (diagnose compares a run to its base)")
   result = diagnose(a.run_dir, a.base, a.k, a.eps, a.energy)
-  out = a.out or os.path.join(a.run_dir, "diagnostics.json")
+  out = a.out or RunDir(a.run_dir).file(DIAGNOSTICS)
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
   print(table(result))

@@ -161,10 +161,13 @@ def chat_prompt_ids(tokenizer, user_message: str) -> list[int]:
 def main(argv=None):
   import argparse
 
-  from jaxtele.convert import load_pretrained
+  from jaxtele import source as model_source
 
   p = argparse.ArgumentParser(prog="python -m jaxtele.eval.generate", description="Generate from a model.")
-  p.add_argument("--model", required=True, help="HF folder, hub id, jaxtele folder or .gguf")
+  p.add_argument("--model", required=True,
+                 help="run directory, PEFT adapter folder, HF folder, hub id, jaxtele folder or .gguf")
+  p.add_argument("--step", type=int, default=None, help="run directories: the checkpoint step (default: latest)")
+  p.add_argument("--base", default=None, help="PEFT adapters: the base model (default: the adapter's)")
   p.add_argument("--prompt", action="append", help="text (repeat for a batch); chat template with --chat")
   p.add_argument("--ids", help="comma-separated prompt token ids instead of --prompt")
   p.add_argument("--chat", action="store_true")
@@ -174,7 +177,8 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   args = p.parse_args(argv)
-  pre = load_pretrained(args.model)
+  flags = model_source.Flags("--model")
+  pre = model_source.load(model_source.resolve(args.model, args.step, args.base, flags), flags=flags)
   tok = pre.tokenizer
   if args.ids:
     try:

@@ -17,7 +17,6 @@ the continuation, the whole string is tokenized and split; the prefix token is B
 of `max_length`), so the two give the same numbers on the same weights.
 """
 
-import os
 import sys
 
 import numpy as np
@@ -39,17 +38,13 @@ from jaxtele.eval.score import sequence_scores
 
 
 def load_source(source: str, base: str | None = None, step: int | None = None, adapter: str | None = None):
-  """(model, tokenizer) of any source jaxtele loads; `adapter` (a PEFT folder) goes onto it."""
+  """(model, tokenizer) of any model source (source.py); `adapter` (a PEFT folder) goes onto it."""
+  from jaxtele import source as model_source
   from jaxtele.convert.peft import load_adapter
-  from jaxtele.eval.runner import load
 
-  if os.path.isfile(os.path.join(source, "adapter_config.json")):
-    from jaxtele.export import load_adapter_source
-
-    model, tokenizer, _, _ = load_adapter_source(source, base)
-  else:
-    loaded = load(source, step)
-    model, tokenizer = loaded.model, loaded.tokenizer
+  flags = model_source.Flags("--model_args source", "--model_args step", "--model_args base")
+  loaded = model_source.load(model_source.resolve(source, step, base, flags), flags=flags)
+  model, tokenizer = loaded.model, loaded.tokenizer
   if adapter:
     load_adapter(model, adapter)
   if tokenizer is None:

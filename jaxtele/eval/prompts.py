@@ -1,11 +1,11 @@
 """Prompt templates for evaluation: the named SFT templates of `jaxtele.data.sft` (so a model is asked the
 way it was trained) or a custom format string with a `{question}` slot."""
 
-import json
 import os
 
 from jaxtele.data import sft
 from jaxtele.errors import JaxteleError
+from jaxtele.run import RUN_RECORD, record_config
 
 
 def run_template(source: str, run_cfg=None) -> tuple[str | None, str]:
@@ -13,17 +13,11 @@ def run_template(source: str, run_cfg=None) -> tuple[str | None, str]:
   plain text or tokens (continual pretraining) has no instruction template: it is evaluated as its base is."""
   where = "the run's config (data.sft_template)"
   if run_cfg is None:
-    meta = os.path.join(source, "jaxtele_run.json") if os.path.isdir(source) else ""
-    if not (meta and os.path.isfile(meta)):
+    run_cfg = record_config(source) if os.path.isdir(source) else None
+    if run_cfg is None:
       return None, "no run record"
-    try:
-      with open(meta) as f:
-        data = json.load(f)["data"]
-      fmt, template, where = data.get("format", "sft"), data["sft_template"], meta
-    except (ValueError, KeyError, TypeError):
-      raise JaxteleError(f"{meta}: no data.sft_template in this run record") from None
-  else:
-    fmt, template = run_cfg.data.format, run_cfg.data.sft_template
+    where = os.path.join(source, RUN_RECORD)
+  fmt, template = run_cfg.data.format, run_cfg.data.sft_template
   if fmt != "sft":
     return None, f"the run trained on data.format={fmt!r} (no instruction template)"
   return template, where

@@ -1,15 +1,13 @@
-"""`python -m jaxtele.eval`: one model (a run's checkpoint, an HF / jaxtele folder, a GGUF) through the configured
+"""`python -m jaxtele.eval`: one model (any source: a run's checkpoint, a PEFT adapter, an HF / jaxtele folder, a GGUF) through the configured
 tasks: perplexity and bits per byte, multiple choice, open questions (answer perplexity, generation + token F1),
 and forgetting against a base model. Results go to `out/results.json`, `out/results.md`, `out/predictions/`."""
 
-import dataclasses
 import os
 import sys
 import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxtele.data import setup as data_setup
 from jaxtele.errors import JaxteleError
@@ -18,42 +16,15 @@ from jaxtele.eval.config import expand_paths, validate
 from jaxtele.eval.generate import Sampling
 from jaxtele.eval.perplexity import evaluate, scored_bytes
 from jaxtele.sharding import Shardings, make_mesh, mesh_shape
+from jaxtele.source import Flags, Loaded, load as load_source, resolve
 from jaxtele.step import make_eval_step, make_token_nll_step
 
-
-@dataclasses.dataclass
-class Loaded:
-  source: str
-  kind: str  # run | pretrained
-  model: object
-  tokenizer: object
-  graphdef: object
-  params: dict
-  frozen: dict
-  run_cfg: object = None  # a run's config (run directories only)
-  step: int | None = None
+EVAL_FLAGS = Flags("model.source", "model.step", "model.base")
 
 
-def is_run_dir(source: str) -> bool:
-  return os.path.isdir(os.path.join(source, "checkpoints"))
-
-
-def load(source: str, step=None, runtime=None) -> Loaded:
-  if is_run_dir(source):
-    from jaxtele.build import load_run
-    from jaxtele.checkpoint import Checkpointer
-
-    if step is None:
-      with Checkpointer(source, keep=1, async_save=False) as ckpt:
-        step = ckpt.latest_step()
-    cfg, graphdef, params, frozen, tokenizer = load_run(source, step)
-    return Loaded(source, "run", nnx.merge(graphdef, params, frozen), tokenizer, graphdef, params, frozen, cfg, step)
-  from jaxtele.convert import load_pretrained
-
-  pre = load_pretrained(source, **(runtime or {}))
-  graphdef, params, frozen = nnx.split(pre.model, nnx.Param, ...)
-  return Loaded(pre.source, "pretrained", pre.model, pre.tokenizer, graphdef, nnx.to_pure_dict(params),
-                nnx.to_pure_dict(frozen))
+def load(source: str, step=None, runtime=None, base=None, flags: Flags = EVAL_FLAGS) -> Loaded:
+  """Any model source (source.py): a run directory at `step`, a PEFT adapter on `base`, a pretrained model."""
+  return load_source(resolve(source, step, base, flags), runtime, flags)
 
 
 def log(msg: str):
@@ -121,7 +92,8 @@ def run(cfg) -> dict:
     if task != "perplexity" and cfg[task].limit > 0:
       cfg[task].sets = [{**s, "limit": cfg[task].limit} for s in cfg[task].sets]
   t0 = time.time()
-  m = load(cfg.model.source, cfg.model.step, {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype})
+  m = load(cfg.model.source, cfg.model.step, {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype},
+           cfg.model.base or None)
   if m.tokenizer is None:
     raise JaxteleError(f"{cfg.model.source}: the model has no tokenizer; evaluation needs one")
   vocab = m.model.config.vocab_size
@@ -211,7 +183,8 @@ def forgetting(cfg, m: Loaded, sets: dict, tuned: dict, mesh) -> dict:
   missing = [n for n in names if n not in sets]
   if missing:
     raise JaxteleError(f"config: forgetting.sets: {missing[0]!r} is not a perplexity set ({', '.join(sets)})")
-  base = load(cfg.forgetting.base, None, {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype})
+  base = load(cfg.forgetting.base, None, {"param_dtype": cfg.model.param_dtype, "dtype": cfg.model.dtype},
+              flags=Flags("forgetting.base", "forgetting.step", "forgetting.base"))
   if base.model.config.vocab_size != m.model.config.vocab_size:
     raise JaxteleError(f"forgetting.base: {cfg.forgetting.base} has vocab {base.model.config.vocab_size}, the "
                        f"evaluated model {m.model.config.vocab_size}: not comparable token for token")
