@@ -141,5 +141,5 @@ def load_run(run_dir: str, step: int | None = None):
   if cfg.train.mode == "lora":
     check_compatible(meta, {**meta, "base_fingerprint": fingerprint(frozen)}, run.step_dir(step))
   with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
-    params = ckpt.restore_params(step, params, cfg)
+    params = ckpt.restore_params(step, params)
   return cfg, graphdef, params, frozen, load_tokenizer(cfg.model)

@@ -1,5 +1,7 @@
-"""Orbax checkpoints: one step directory holding the train state, the Grain iterator state and a
-JSON `meta` (resolved config, model config, LoRA settings, base-model fingerprint).
+"""Orbax checkpoints: one step directory holding the trainable parameters, the optimizer state, the step, the
+Grain iterator state and a JSON `meta` (resolved config, model config, LoRA settings, base-model fingerprint),
+each a separate Orbax item, so export and evaluation restore the parameters without building an optimizer.
+A step written before the split (one `state` item) is read as it was: resumed whole, or its parameters alone.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a crash during a
 save leaves nothing that `latest_step()` would pick up. LoRA runs store only the trainable leaves
@@ -9,6 +11,7 @@ plus the base's identity; the base is reloaded from `model.source` and must matc
 import dataclasses
 import hashlib
 import json
+import os
 
 import grain
 import jax
@@ -38,6 +41,10 @@ class KeepSteps:
     return [c.step in self.steps for c in checkpoints]
 
 
+ITEMS = ("params", "opt_state", "step", "data", "meta")  # each its own Orbax item: parameters restore alone
+LEGACY_STATE = "state"  # before: params, opt_state and step in one item (read, never written)
+
+
 class Checkpointer:
   """`keep` latest steps, plus any step in `self.protected` (frontier checkpoints): keep-last-N never deletes them."""
 
@@ -48,7 +55,7 @@ class Checkpointer:
     keeping = policies.AnyPreservationPolicy([policies.LatestN(keep), KeepSteps(self.protected)])
     options = ocp.CheckpointManagerOptions(preservation_policy=keeping, enable_async_checkpointing=async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS + (LEGACY_STATE,))
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -57,32 +64,55 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter, meta: dict):
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-                              meta=ocp.args.JsonSave(meta))
+    """One step: the train state split into its items, the iterator's position and the JSON meta."""
+    args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                              opt_state=ocp.args.StandardSave(state["opt_state"]),
+                              step=ocp.args.JsonSave({"step": int(step)}),
+                              data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta))
     self.manager.save(step, args=args, force=True)
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def legacy(self, step: int) -> bool:
+    """A step written before the train state was split into items (migrated on read)."""
+    return self.legacy_dir(os.path.join(self.directory, str(step)))
+
+  @staticmethod
+  def legacy_dir(step_dir: str) -> bool:
+    return os.path.isdir(os.path.join(step_dir, LEGACY_STATE))
+
   def restore(self, step: int, abstract_state, data_iter, expected_meta: dict):
     """Restore onto the shardings in `abstract_state` (any mesh, any process count) and, unless
     `data_iter` is None, the iterator's position; refuse a checkpoint of another model."""
     check_compatible(self.read_meta(step), expected_meta, f"{self.directory}/{step}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if self.legacy(step):
+      items = {LEGACY_STATE: ocp.args.StandardRestore(abstract_state)}
+    else:
+      items = {k: ocp.args.StandardRestore(abstract_state[k]) for k in ("params", "opt_state")}
+      items["step"] = ocp.args.JsonRestore()
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if self.legacy(step):
+      return out[LEGACY_STATE]
+    sharding = abstract_state["step"].sharding  # a scalar on every device: any process can build it
+    count = jax.make_array_from_callback((), sharding, lambda _: np.asarray(out["step"]["step"], np.int32))
+    return {"step": count, "params": out["params"], "opt_state": out["opt_state"]}
 
-  def restore_params(self, step: int, params, cfg):
-    """Only the trainable parameters of a step, as host arrays (export, evaluation); `params` gives their
-    structure and the run's optimizer config the structure of the state they were saved in."""
-    from jaxtele.optimizer import run_optimizer
-    from jaxtele.step import init_state
-
-    tx, _ = run_optimizer(cfg)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
-    state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    return jax.device_get(state["params"])
+  def restore_params(self, step: int, params):
+    """Only the trainable parameters of a step, as host arrays (export, evaluation); `params` (arrays or
+    ShapeDtypeStructs) gives their structure. No optimizer is built: its state is another item."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    if self.legacy(step):  # only the params subtree of the old single item
+      where = os.path.join(self.directory, str(step), LEGACY_STATE)
+      target = {"params": abstract}
+      with ocp.PyTreeCheckpointer() as reader:
+        state = reader.restore(where, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+      return jax.device_get(state["params"])
+    restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    return jax.device_get(restored["params"])
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -97,13 +127,32 @@ class Checkpointer:
     self.close()
 
 
+def saved_params(run_dir: str, step: int) -> dict:
+  """A step's trainable parameters as stored, no structure given (host arrays): for inspection and tests."""
+  item = LEGACY_STATE if Checkpointer.legacy_dir(RunDir(run_dir).step_dir(step)) else "params"
+  with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+  return jax.device_get(out["params"] if item == LEGACY_STATE else out)
+
+
+# Which model a checkpoint belongs to: a restore (resume, export, evaluation) must match these meta keys.
 IDENTITY_KEYS = ("model", "mode", "lora", "base_fingerprint")
+# The `lora` identity: what a LoRA run's checkpoint records about its adapters; a resume with other values is
+# refused.
+LORA_KEYS = {"rank": None, "alpha": None, "targets": None, "rslora": False, "extra_trainable": "", "variant": "lora",
+             "dropout": 0.0, "plus_ratio": 0.0, "quantize_base": "none", "double_quant": False}
+# Recorded only when set, so checkpoints written before these keys existed still resume.
+LORA_KEYS_IF_SET = {"train_embeddings": False, "train_head": False, "embedding_lr": 0.0}
+
+
+def lora_meta(lora_cfg) -> dict:
+  """The `lora` identity read from the `lora` config section (defaults for keys a partial section lacks)."""
+  meta = {k: lora_cfg.get(k, default) for k, default in LORA_KEYS.items()}
+  return meta | {k: lora_cfg.get(k) for k, off in LORA_KEYS_IF_SET.items() if lora_cfg.get(k, off) != off}
 
 
 def run_meta(cfg, model_cfg, frozen, data_seed: int) -> dict:
   """What identifies a run's checkpoints (a restore must match `IDENTITY_KEYS`), and what resuming needs."""
-  from jaxtele.models.lora import lora_meta
-
   lora = lora_meta(cfg.lora) if cfg.train.mode == "lora" else None
   runtime = ("remat", "dtype", "attention", "scan_layers")
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in runtime}

@@ -10,6 +10,7 @@ import pytest
 
 from jaxtele import frontier
 from jaxtele.errors import JaxteleError
+from jaxtele.run import RunDir
 
 
 def write_run(folder, rows, steps, budget):
@@ -44,7 +45,7 @@ def test_frontier_and_selection_from_a_hand_built_metrics_file(tmp_path):
   page = open(build_report([str(tmp_path / "run")], str(tmp_path / "report"))).read()
   assert "| run | +2.0% | (2.0000, 1.0000) | 2, 4, 6 | step 6 (1.7500, 1.0150) |" in page
   assert (tmp_path / "report" / "frontier.png").exists()
-  os.rename(tmp_path / "run" / "checkpoints" / "6", tmp_path / "gone")  # deleted: the next best on disk is 2
+  os.rename(RunDir(tmp_path / "run").step_dir(6), tmp_path / "gone")  # deleted: the next best on disk is 2
   assert frontier.select_step(str(tmp_path / "run"), "best-within-budget", None) == 2
   with pytest.raises(JaxteleError, match="either --select or --step"):
     frontier.select_step(str(tmp_path / "run"), "best-within-budget", 4)
@@ -66,10 +67,11 @@ def test_keep_last_n_keeps_frontier_checkpoints(tmp_path):
     for step in range(1, 6):
       if step == 3:
         ckpt.protected.add(2)  # step 2 joined the frontier
-      ckpt.save(step, {"w": np.full(3, step, np.float32)}, it, {"step": step})
+      w = np.full(3, step, np.float32)
+      ckpt.save(step, {"step": step, "params": {"w": w}, "opt_state": {"mu": w}}, it, {"step": step})
     ckpt.wait()
     assert ckpt.all_steps() == [2, 5]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "5"]
+  assert RunDir(tmp_path).steps() == [2, 5]
 
 
 SCRIPT = [(3.0, 2.0), (2.5, 2.01), (2.2, 2.2), (2.1, 2.3)]  # (domain, general) bpb: base, steps 2, 4, 6
@@ -79,9 +81,9 @@ def test_budget_stop_keeps_the_last_in_budget_checkpoint_and_export_selects_it_b
                                                                                             monkeypatch):
   """Scripted bpb (the numbers are inputs here; the decisions are under test): step 2 is +0.5% general, step 4
   +10% over a 2% budget, so the run stops at 4 without saving it and step 2 is the one to ship."""
-  import orbax.checkpoint as ocp
   from safetensors.numpy import load_file
 
+  from jaxtele.checkpoint import saved_params
   from jaxtele.export import export
   from jaxtele.forgetting import Forgetting
   from jaxtele.train import run
@@ -101,7 +103,7 @@ def test_budget_stop_keeps_the_last_in_budget_checkpoint_and_export_selects_it_b
   assert rows[4]["forget/over_budget"] == 1.0 and rows[2]["forget/over_budget"] == 0.0
   assert json.load(open(run_dir / "frontier.json"))["best_within_budget"] == 2
   export(str(run_dir), str(workdir / "best"), select="best-within-budget", verify=False)
-  saved = ocp.StandardCheckpointer().restore(os.path.abspath(run_dir / "checkpoints" / "2" / "state"))["params"]
+  saved = saved_params(str(run_dir), 2)
   tensors = load_file(str(workdir / "best" / "model.safetensors"))
   q = np.asarray(saved["layers"]["0"]["self_attn"]["q_proj"]["kernel"]) if "0" in saved["layers"] else \
       np.asarray(saved["layers"][0]["self_attn"]["q_proj"]["kernel"])

@@ -11,7 +11,8 @@ import pytest
 from jaxtele.convert import load_pretrained
 from jaxtele.convert.peft import load_adapter, save_adapter
 from jaxtele.errors import JaxteleError
-from jaxtele.models.lora import add_lora, lora_meta, merge_lora, quantize_base
+from jaxtele.checkpoint import lora_meta
+from jaxtele.models.lora import add_lora, merge_lora, quantize_base
 
 
 @pytest.fixture(scope="module")

@@ -141,6 +141,41 @@ def test_export_of_an_empty_folder_with_a_base_names_what_it_lacks(tmp_path, fol
   assert not (tmp_path / "out").exists()
 
 
+# --- Checkpoint items: parameters, optimizer state and step apart; a step of the older single-item layout. ---
+
+def test_a_step_of_the_single_item_layout_is_read_and_resumed(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  from jaxtele.checkpoint import Checkpointer, saved_params
+
+  w, mu = np.arange(6, dtype=np.float32).reshape(2, 3), np.full((2, 3), 0.25, np.float32)
+  state = {"step": jnp.asarray(4, jnp.int32), "params": {"w": jnp.asarray(w)}, "opt_state": {"mu": jnp.asarray(mu)}}
+  meta = {"mode": "full", "config": {}}
+  old = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints"), item_names=("state", "meta"),
+                              options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+  old.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  old.close()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  with Checkpointer(str(tmp_path / "run"), keep=3, async_save=False) as ckpt:
+    assert ckpt.legacy(4)
+    assert np.array_equal(ckpt.restore_params(4, {"w": w})["w"], w)  # the params subtree alone
+    back = ckpt.restore(4, abstract, None, meta)
+    assert int(back["step"]) == 4 and np.array_equal(back["opt_state"]["mu"], mu)
+    ckpt.manager.save(5, args=ocp.args.Composite(**{  # the next save writes the new items (no data item here)
+        "params": ocp.args.StandardSave(back["params"]), "opt_state": ocp.args.StandardSave(back["opt_state"]),
+        "step": ocp.args.JsonSave({"step": 5}), "meta": ocp.args.JsonSave(meta)}))
+    ckpt.wait()
+    assert not ckpt.legacy(5)
+    items = set(os.listdir(os.path.join(ckpt.directory, "5")))
+    assert {"meta", "opt_state", "params", "step"} <= items and "state" not in items
+    again = ckpt.restore(5, abstract, None, meta)
+    assert int(again["step"]) == 5 and np.array_equal(again["params"]["w"], w)
+  assert np.array_equal(saved_params(str(tmp_path / "run"), 4)["w"], w)
+  assert np.array_equal(saved_params(str(tmp_path / "run"), 5)["w"], w)
+
+
 # --- generate on the kinds it did not accept before: a run directory and a PEFT adapter. ---
 
 def generated(capsys, *args) -> str:
@@ -189,14 +224,16 @@ def test_generate_on_a_peft_adapter_equals_peft(tmp_path, make_hf_model, capsys)
   assert generated(capsys, "--model", str(tmp_path / "adapter")) == ",".join(map(str, want))
 
 
-def test_generate_on_a_run_directory_equals_its_merged_export(tiny, workdir, capsys):
+def test_generate_on_a_run_directory_equals_its_merged_export(tiny, workdir, capsys, monkeypatch):
   import transformers
 
+  from jaxtele import optimizer
   from jaxtele.data.byte_tokenizer import byte_tokenizer
   from jaxtele.train import run
 
   run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.export.merged=True",
            "--config.export.verify=False"))
+  monkeypatch.setattr(optimizer, "run_optimizer", None)  # parameters restore alone: no optimizer is built
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(workdir / "run" / "export" / "merged")).eval()
   tok = byte_tokenizer()
   want = tok.decode(torch_greedy(merged, eos=tok.eos_token_id), skip_special_tokens=True)

@@ -18,6 +18,7 @@ from jaxtele.config import load_config
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import init_model
 from jaxtele.models.lora import trainable_filter
+from jaxtele.run import RunDir
 from jaxtele.step import init_state, make_train_step
 
 def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path, tiny, train_cli, logged):
@@ -115,12 +116,9 @@ def test_exact_resume_after_sigkill(tmp_path, train_cli, wait_for_lines, logged)
   want, got = logged(straight / "run"), logged(killed / "run")
   assert sorted(got) == list(range(1, steps + 1))
   assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # identical, not merely close
-  import orbax.checkpoint as ocp
+  from jaxtele.checkpoint import saved_params
 
-  trees = []
-  for d in (straight, killed):
-    mgr = ocp.CheckpointManager(str(d / "run" / "checkpoints"), item_names=("state",))
-    trees.append(mgr.restore(steps, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"])
+  trees = [saved_params(str(d / "run"), steps) for d in (straight, killed)]
   for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1]), strict=True):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -134,7 +132,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, train_cli, wait_for_lines):
   assert p.returncode == 0, err[-2000:]
   assert "SIGTERM: saved step" in err
   step = int(err.split("SIGTERM: saved step ")[1].split()[0])
-  assert (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
+  assert step in RunDir(tmp_path / "run").steps()
 
 
 def test_two_processes_match_one(tmp_path, train_cli, launch_two, logged):
@@ -162,7 +160,7 @@ def test_two_processes_match_one(tmp_path, train_cli, launch_two, logged):
     assert sorted(want) == sorted(got) and want
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], atol=1e-5)
   assert (two / "run" / "export" / "hf" / "model.safetensors").exists()
-  assert sorted(os.listdir(two / "run" / "checkpoints")) == sorted(os.listdir(one / "run" / "checkpoints"))
+  assert RunDir(two / "run").steps() == RunDir(one / "run").steps()
 
   # Resume to step 8 on another process count, both ways (2 -> 1 also onto a data x fsdp x tensor mesh). Grain's iterator states are per process, so
   # the stream restarts in a new order (identical documents: the same batches); parameters and optimizer
@@ -218,7 +216,7 @@ def test_a_killed_process_stops_its_peer_and_a_fresh_run_resumes(tmp_path, launc
   assert p.returncode != 0 and elapsed < 120, (p.returncode, elapsed, err[-3000:])
   assert f"launch: process 1 (pid {victim}) failed: killed by signal 9" in err, err[-3000:]
   assert "error: process 0: lost process 1 of 2" in err, err[-3000:]
-  steps = sorted(int(d) for d in os.listdir(killed / "run" / "checkpoints") if d.isdigit())
+  steps = RunDir(killed / "run").steps()
   assert steps and steps[-1] < 10
   p = launch_two(killed, *common)
   assert p.returncode == 0 and f"resumed from {killed / 'run' / 'checkpoints'}/{steps[-1]}" in p.stderr, \

@@ -218,7 +218,7 @@ def update_ratios(run_dir: str, cfg, graphdef, params, frozen, base: dict) -> di
   out = {}
   with Checkpointer(run_dir, keep=1, async_save=False) as ckpt:
     for step in RunDir(run_dir).steps():
-      model = nnx.merge(graphdef, ckpt.restore_params(step, params, cfg), frozen)
+      model = nnx.merge(graphdef, ckpt.restore_params(step, params), frozen)
       dw2, w2 = {}, {}
       for path, (_, w) in reach.kernels(model).items():
         if path in base:

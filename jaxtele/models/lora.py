@@ -224,19 +224,6 @@ def strip_adapters(model: Decoder) -> Decoder:
   return model
 
 
-# What a LoRA run's checkpoint records about its adapters: a resume with other values is refused.
-META_KEYS = {"rank": None, "alpha": None, "targets": None, "rslora": False, "extra_trainable": "", "variant": "lora",
-             "dropout": 0.0, "plus_ratio": 0.0, "quantize_base": "none", "double_quant": False}
-# Recorded only when set, so checkpoints written before these keys existed still resume.
-META_KEYS_IF_SET = {"train_embeddings": False, "train_head": False, "embedding_lr": 0.0}
-
-
-def lora_meta(lora_cfg) -> dict:
-  """`META_KEYS` read from the `lora` config section (defaults for keys it does not have yet)."""
-  meta = {k: lora_cfg.get(k, default) for k, default in META_KEYS.items()}
-  return meta | {k: lora_cfg.get(k) for k, off in META_KEYS_IF_SET.items() if lora_cfg.get(k, off) != off}
-
-
 # --- Base modules trained beside the adapters: embeddings, head, anything `extra_trainable` names. ---
 
 EMBED, HEAD = "embed_tokens", "lm_head"
