@@ -31,7 +31,7 @@ import tempfile
 from jaxtele import frontier, source as model_source
 from jaxtele.convert import certify
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.run import write_record
+from jaxtele.run import EXPORT, RunDir, write_record
 
 FORMATS = ("hf", "adapter", "jaxtele", "gguf")
 GGUF_FILE = "model.gguf"
@@ -115,7 +115,7 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, v
   `adapter` (+ `base` when needed) and `merged` (LoRA)."""
   from flax import nnx
 
-  root = root or os.path.join(cfg.run_dir, "export")
+  root = root or RunDir(cfg.run_dir).file(EXPORT)
   dtype = cfg.export.dtype or cfg.model.param_dtype
   lora = run_lora_info(cfg)
   dequantize = cfg.lora.quantize_base != "none"

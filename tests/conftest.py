@@ -199,7 +199,9 @@ def logged():
   resume) keeps the last."""
 
   def read(run_dir, key="train/loss"):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    from jaxtele.run import RunDir
+
+    rows = [json.loads(line) for line in open(RunDir(run_dir).metrics)]
     return {r["step"]: r[key] for r in rows if key in r}
 
   return read

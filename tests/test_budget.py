@@ -10,7 +10,7 @@ import pytest
 
 from jaxtele import frontier
 from jaxtele.errors import JaxteleError
-from jaxtele.run import RunDir
+from jaxtele.run import EXPORT, FRONTIER, RunDir
 
 
 def write_run(folder, rows, steps, budget):
@@ -98,10 +98,10 @@ def test_budget_stop_keeps_the_last_in_budget_checkpoint_and_export_selects_it_b
   result = run(cfg)
   run_dir = workdir / "run"
   assert result["budget_stop"] and result["step"] == 4
-  assert frontier.checkpoint_steps(str(run_dir)) == [2] and not (run_dir / "export").exists()
-  rows = {r["step"]: r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "forget/general_bpb" in r}
+  assert frontier.checkpoint_steps(str(run_dir)) == [2] and not os.path.exists(RunDir(run_dir).file(EXPORT))
+  rows = {r["step"]: r for r in map(json.loads, open(RunDir(run_dir).metrics)) if "forget/general_bpb" in r}
   assert rows[4]["forget/over_budget"] == 1.0 and rows[2]["forget/over_budget"] == 0.0
-  assert json.load(open(run_dir / "frontier.json"))["best_within_budget"] == 2
+  assert json.load(open(RunDir(run_dir).file(FRONTIER)))["best_within_budget"] == 2
   export(str(run_dir), str(workdir / "best"), select="best-within-budget", verify=False)
   saved = saved_params(str(run_dir), 2)
   tensors = load_file(str(workdir / "best" / "model.safetensors"))

@@ -12,6 +12,7 @@ import pytest
 
 from jaxtele.errors import JaxteleError
 from jaxtele.eval import diagnose, reach
+from jaxtele.run import RunDir
 
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -98,7 +99,7 @@ def test_lora_run_end_to_end(lora_run, tmp_path, capsys):
     assert r["max_rank"] == 2 and 0 <= r["rho"] <= 1 + 1e-9
   assert set(result["summary"]) == set(LAYER_MODULES)
   # gradient norms: the logged values, read here independently
-  logged = [row for row in read_jsonl(lora_run / "metrics.jsonl") if "train/grad_norm/lora_a" in row]
+  logged = [row for row in read_jsonl(RunDir(lora_run).metrics) if "train/grad_norm/lora_a" in row]
   for key in ("train/grad_norm/lora_a", "train/grad_norm/lora_b", "train/grad_norm"):
     assert result["grad_norms"][key]["steps"] == [row["step"] for row in logged]
     assert result["grad_norms"][key]["values"] == [row[key] for row in logged]
@@ -178,7 +179,7 @@ def test_qdora_run_magnitude_group_and_nf4_base(tiny_run):
   run = tiny_run("qdora_r2", "--config.train.mode=lora", "--config.lora.rank=2", "--config.lora.variant=dora",
                  "--config.lora.quantize_base=nf4")
   result = diagnose.diagnose(str(run))
-  logged = {k for row in read_jsonl(run / "metrics.jsonl") for k in row if k.startswith("train/grad_norm")}
+  logged = {k for row in read_jsonl(RunDir(run).metrics) for k in row if k.startswith("train/grad_norm")}
   assert "train/grad_norm/lora_magnitude" in logged and set(result["grad_norms"]) == logged
   # hidden 32, 4 heads x 8 (q, o: 32x32), 2 kv heads (k, v: 32x16), mlp 64; rank 2; 2 layers
   shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]

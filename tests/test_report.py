@@ -8,6 +8,7 @@ import pytest
 
 from jaxtele import report
 from jaxtele.eval import diagnose
+from jaxtele.run import DIAGNOSTICS, RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -16,14 +17,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def runs(tiny_run):
   full = tiny_run("full", "--config.train.mode=full")
   lora = tiny_run("lora_r2", "--config.train.mode=lora", "--config.lora.rank=2")
-  with open(lora / "diagnostics.json", "w") as f:
+  with open(RunDir(lora).file(DIAGNOSTICS), "w") as f:
     json.dump(diagnose.diagnose(str(lora)), f)
   return {"full": full, "lora_r2": lora}
 
 
 def last_logged_loss(run_dir):
   value = None
-  for line in open(os.path.join(run_dir, "metrics.jsonl")):
+  for line in open(RunDir(run_dir).metrics):
     row = json.loads(line)
     value = row.get("train/loss", value)
   return value

@@ -131,6 +131,15 @@ def test_step_and_base_only_where_they_mean_something(folders, tmp_path):
   one_line(e)
 
 
+def test_diagnose_wants_a_run_directory(folders, capsys):
+  from jaxtele.eval.diagnose import main
+
+  with pytest.raises(SystemExit) as e:
+    main([str(folders["hf"])])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and "\n" not in err and "hf: a hf source, not a run directory" in err, err
+
+
 def test_export_of_an_empty_folder_with_a_base_names_what_it_lacks(tmp_path, folders):
   (tmp_path / "EMPTY").mkdir()
   p = subprocess.run([sys.executable, "-m", "jaxtele.export", "--source", str(tmp_path / "EMPTY"), "--base",

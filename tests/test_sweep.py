@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RECIPE
+from jaxtele.run import RunDir
 
 RECIPE = '''
 COMMON = {{"train.steps": 4, "checkpoint.every": 2, "eval.every": 2, "train.log_every": 1}}
@@ -35,7 +36,7 @@ def sweep_recipe(workdir):
 
 
 def final_loss(run_dir):
-  rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+  rows = [json.loads(x) for x in open(RunDir(run_dir).metrics)]
   return [r for r in rows if "eval/telecom/loss" in r][-1]["eval/telecom/loss"]
 
 
@@ -90,9 +91,9 @@ def test_sweep_runs_resumes_and_summarises(workdir, sweep_recipe):
   resumed = json.load(open(os.path.join(root_b, "summary.json")))
   assert comparable(resumed) == comparable(summary)
   # Nothing is run twice: a finished sweep leaves every point as it was.
-  before = open(os.path.join(root_b, "full", "lr=0.001,seed=0", "metrics.jsonl")).read()
+  before = open(RunDir(os.path.join(root_b, "full", "lr=0.001,seed=0")).metrics).read()
   assert main(["--config", f"{sweep_recipe}:{root_b}"]) == 0
-  assert open(os.path.join(root_b, "full", "lr=0.001,seed=0", "metrics.jsonl")).read() == before
+  assert open(RunDir(os.path.join(root_b, "full", "lr=0.001,seed=0")).metrics).read() == before
   shutil.rmtree(root_b)
 
 

@@ -18,7 +18,7 @@ from jaxtele.config import load_config
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import init_model
 from jaxtele.models.lora import trainable_filter
-from jaxtele.run import RunDir
+from jaxtele.run import EXPORT, TENSORBOARD, RunDir
 from jaxtele.step import init_state, make_train_step
 
 def test_full_and_lora_lower_the_loss_and_one_device_matches_eight(tmp_path, tiny, train_cli, logged):
@@ -58,12 +58,12 @@ def test_lora_freezes_the_base_and_optimizes_only_adapters(tmp_path, tiny):
   assert len(jax.tree.leaves(adam.mu)) == len(jax.tree.leaves(adam.nu)) == 4 * n_layers
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adam.mu))
   # Metrics reach metrics.jsonl and TensorBoard, with gradient norms per group.
-  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  rows = [json.loads(line) for line in open(RunDir(tmp_path / "run").metrics)]
   train_rows = [r for r in rows if "train/loss" in r]
   assert {"train/grad_norm", "train/grad_norm/lora_a", "train/grad_norm/lora_b", "train/lr",
           "train/tokens_per_s"} <= set(train_rows[-1])
   assert any("eval/telecom/ppl" in r for r in rows)
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(RunDir(tmp_path / "run").file(TENSORBOARD)))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -106,7 +106,7 @@ def test_exact_resume_after_sigkill(tmp_path, train_cli, wait_for_lines, logged)
   killed = tmp_path / "killed"
   killed.mkdir()
   p = train_cli(killed, *common, wait=False)
-  wait_for_lines(killed / "run" / "metrics.jsonl", steps // 2)
+  wait_for_lines(RunDir(killed / "run").metrics, steps // 2)
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert len(logged(killed / "run")) < steps, "the run was killed before it finished"
@@ -126,7 +126,7 @@ def test_exact_resume_after_sigkill(tmp_path, train_cli, wait_for_lines, logged)
 def test_sigterm_saves_and_exits_cleanly(tmp_path, train_cli, wait_for_lines):
   p = train_cli(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
                      "--config.checkpoint.every=100000", wait=False)
-  wait_for_lines(tmp_path / "run" / "metrics.jsonl", 3)
+  wait_for_lines(RunDir(tmp_path / "run").metrics, 3)
   p.send_signal(signal.SIGTERM)
   out, err = p.communicate(timeout=300)
   assert p.returncode == 0, err[-2000:]
@@ -159,7 +159,7 @@ def test_two_processes_match_one(tmp_path, train_cli, launch_two, logged):
     want, got = logged(one / "run", key), logged(two / "run", key)
     assert sorted(want) == sorted(got) and want
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], atol=1e-5)
-  assert (two / "run" / "export" / "hf" / "model.safetensors").exists()
+  assert (RunDir(two / "run").file(EXPORT) / "hf" / "model.safetensors").exists()
   assert RunDir(two / "run").steps() == RunDir(one / "run").steps()
 
   # Resume to step 8 on another process count, both ways (2 -> 1 also onto a data x fsdp x tensor mesh). Grain's iterator states are per process, so
@@ -207,7 +207,7 @@ def test_a_killed_process_stops_its_peer_and_a_fresh_run_resumes(tmp_path, launc
   p = launch_two(straight, *common)
   assert p.returncode == 0, p.stderr[-3000:]
   p = launch_two(killed, *common, wait=False)
-  wait_for_lines(killed / "run" / "metrics.jsonl", 5)
+  wait_for_lines(RunDir(killed / "run").metrics, 5)
   victim = _process_with_rank(p.pid, 1)
   os.kill(victim, signal.SIGKILL)
   t0 = time.time()

@@ -209,7 +209,7 @@ def _max_rank(adapter, shape) -> int:
   return min(min(shape), adapter.rank * (2 if hasattr(adapter, "initial_delta") else 1))
 
 
-def update_ratios(run_dir: str, cfg, graphdef, params, frozen, base: dict) -> dict:
+def update_ratios(run_dir: str, graphdef, params, frozen, base: dict) -> dict:
   """{module type: {steps, values}}: ||W_t - W0|| / ||W0|| over all layers of that type, at every checkpoint."""
   from flax import nnx
 
@@ -280,7 +280,7 @@ def diagnose(run_dir: str, base_src: str | None = None, k: int = 10, eps: float 
           "k": k, "eps": eps, "energy": energy, "intruders_total": sum(r["intruders"] for r in rows),
           "intruders_by_eps": intruders_by_eps(rows), "rho": rho, "rho_skipped": why,
           "summary": summarize(rows), "rows": rows,
-          "update_ratio": update_ratios(run_dir, cfg, graphdef, params, frozen, base),
+          "update_ratio": update_ratios(run_dir, graphdef, params, frozen, base),
           "grad_groups": group_counts(params), "grad_norms": grad_norms(run_dir, group_counts(params))}
 
 
