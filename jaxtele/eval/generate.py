@@ -128,15 +128,6 @@ def _generate_batch(model, fns, state, prompts, sampling, tokenizer, batch_size,
   return new
 
 
-def generate_text(model: Decoder, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
-                  batch_size: int = 8, progress=None) -> list[str]:
-  """Text in, text out: prompts are encoded as they are (no BOS added), outputs are cut at the first stop
-  string and lose their special tokens."""
-  ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-  outs = generate(model, ids, sampling, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
-  return [decode_until_stop(tokenizer, o, sampling.stop_strings) for o in outs]
-
-
 def decode_until_stop(tokenizer, ids, stop_strings=()) -> str:
   """Generated ids -> text without special tokens, cut at the first stop string."""
   text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -17,9 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNELS = ("triton", "splash")
-
-
 def padded_length(T: int, block: int = 128) -> int:
   """The row length the kernels run at: a power of two (>= 16) up to `block`, else a multiple of `block`."""
   if T <= block:
