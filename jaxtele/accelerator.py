@@ -15,6 +15,8 @@ import os
 import jax
 
 ACCELERATORS = ("gpu", "tpu")
+PLATFORMS = ("cpu", *ACCELERATORS)  # what `jax.devices()[0].platform` can be
+DTYPES = ("float32", "bfloat16")  # parameter and compute dtypes (`auto` resolves to one of them)
 COLLECTIVE_TIMEOUT_S = 600  # JAXTELE_COLLECTIVE_TIMEOUT overrides: a rank stuck this long in NCCL ends the run
 
 # name -> value; the latency-hiding scheduler overlaps collectives with compute (FSDP all-gathers, gradient

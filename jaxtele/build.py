@@ -27,23 +27,26 @@ def runtime(mcfg) -> dict:
 
 
 def model_config(mcfg) -> ModelConfig:
-  """The ModelConfig a run uses, without loading weights; `auto` dtype and attention are resolved here."""
+  """The ModelConfig a run uses, without loading weights; `auto` dtype and attention are resolved here. Explicit
+  attention names pass through (`config.validate` checks them before a step is built), so a run trained with
+  `cudnn` still loads on a CPU."""
   if mcfg.source:
     cfg = source.model_config(model_source(mcfg), **runtime(mcfg))
   else:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in mcfg.init.to_dict().items() if k in fields}, **runtime(mcfg))
-  return cfg.replace(attention=resolved_attention(cfg))
+  return cfg.replace(attention=resolved_attention(cfg)) if cfg.attention == "auto" else cfg
 
 
-def resolved_attention(cfg: ModelConfig) -> str:
-  """`auto` -> the implementation it names on this backend, decided once, before any trace. Explicit names
-  pass through (checked where the step is built), so a run trained with `cudnn` still loads on a CPU."""
-  if cfg.attention != "auto":
-    return cfg.attention
+def resolved_attention(cfg: ModelConfig, backend: str | None = None) -> str:
+  """The implementation `cfg.attention` runs on this backend, decided once, before any trace; one that the
+  backend cannot run is refused as `config: model.attention: ...`."""
   windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w]
-  return resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim, windows[0] if windows else None,
-                           softcap=cfg.attn_softcap)
+  try:
+    return resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim, windows[0] if windows else None, backend,
+                             softcap=cfg.attn_softcap)
+  except JaxteleError as e:
+    raise JaxteleError(f"config: model.attention: {e}") from None
 
 
 def model_source(mcfg) -> source.Source:

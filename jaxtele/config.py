@@ -1,210 +1,129 @@
 """Run configuration: defaults, recipe files (`configs/*.py` with `get_config()`), `--config.key=value`
 overrides parsed by `ml_collections.config_flags`, and one validation pass before anything heavy.
 
-Every key has a rule (type and range, or a choice set) in `RULES`; every error is one line naming the key
-(or the recipe's file:line) and what is allowed.
+Every key is declared once, with its default and its rule (type and range, or a choice set; jaxtele/schema.py);
+every error is one line naming the key (or the recipe's file:line) and what is allowed. Choice sets come from
+the modules that implement them.
 """
 
 import dataclasses
-import math
 import os
 import sys
 import traceback
 
+import jax
 import ml_collections
 from absl import flags
-from ml_collections import FieldReference, config_flags
+from ml_collections import config_flags
 
-from jaxtele.data.packing import PACKINGS
-from jaxtele.data.pipeline import FORMATS, default_config as data_defaults
-from jaxtele.data.sft import TEMPLATES
+from jaxtele import schema
+from jaxtele.accelerator import ACCELERATORS, DTYPES, PLATFORMS
+from jaxtele.data.pipeline import schema as data_schema
+from jaxtele.data.sources import SOURCES
 from jaxtele.errors import JaxteleError
+from jaxtele.export import DTYPES as EXPORT_DTYPES
+from jaxtele.loss import LOSSES
 from jaxtele.models.attention import ATTENTION_IMPLS
-from jaxtele.models.config import FAMILIES, REMAT_POLICIES, ModelConfig
-from jaxtele.models.decoder import ACTIVATIONS
+from jaxtele.models.config import FAMILIES, ModelConfig
+from jaxtele.models.decoder import HOST_OFFLOAD_REMAT, REMAT_POLICIES
+from jaxtele.models.layers import ACTIVATIONS
 from jaxtele.models.adapters import VARIANTS
 from jaxtele.models.lora import QUANTIZERS
 from jaxtele.optimizer import DECAY_SHAPES, SCHEDULES
+from jaxtele.schema import BOOL, NONNEG, POSITIVE, POSITIVE_FLOAT, STR, TUPLE, UNIT_OPEN, Rule, choice, leaves
 from jaxtele.token_clock import requested_tokens
 
-DTYPES = ("float32", "bfloat16")
-FILE_SOURCES = ("text", "jsonl", "json", "parquet")
-PLATFORMS = ("any", "cpu", "gpu", "tpu")
-LOSSES = ("plain", "chunked")
-
-
-def default_config() -> ml_collections.ConfigDict:
-  model_init = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in INIT_KEYS}
-  for key, kind in OPTIONAL_INIT.items():  # typed, so an override of an unset value parses
-    model_init[key] = FieldReference(None, field_type=kind)
-  cfg = ml_collections.ConfigDict({
-      "run_dir": "runs/default",
-      "seed": 0,
-      "model": {
-          "source": "",  # HF folder, hub id, .gguf or jaxtele folder; empty: random init from model.init
-          "tokenizer": "",  # empty: the source's; "bytes": the built-in byte tokenizer
-          "init": model_init,
-          "param_dtype": "float32",
-          "dtype": "auto",  # auto: bf16 compute on GPU/TPU, fp32 on CPU (jaxtele/accelerator.py)
-          "remat": "none",  # a policy name: see models/config.py REMAT_POLICIES
-          "attention": "auto",  # auto: the fastest implementation the backend has (models/attention.py)
-          "scan_layers": False,  # compile one body for repeating layers (models/scan.py); same tree and values
-          "adapter": "",  # a PEFT adapter folder to load onto the base (evaluate it, or continue training it)
-      },
-      "data": data_defaults(),
-      # every 0: only at the end; at_start: a baseline before the first step (what forgetting is measured against)
-      "eval": {"every": 0, "at_start": False, "max_batches": 8, "batch_size": 8, "sets": (),
-               # also evaluate once the run has seen >= each of these input token counts; log: (first, last, n)
-               "at_tokens": (), "at_tokens_log": (),
-               "forgetting_base": False},  # score each eval against the frozen base in bpb (frontier.py)
-      "train": {"mode": "full", "steps": 100, "grad_accum": 1, "log_every": 10,
-                "stop_at": 0,  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
-                "loss": "plain", "loss_chunk": 1024,  # chunked: the [B, T, V] logits are never all alive
-                "forgetting_budget": 0.0, "on_budget": "continue"},  # 0.02: general bpb at most +2% over the base
-      "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear", "rslora": False,
-               "extra_trainable": "", "base_dtype": "auto",  # auto: the compute dtype on GPU/TPU, fp32 on CPU
-               "variant": "lora",  # lora | dora | pissa (init from W's top singular directions)
-               "dropout": 0.0,  # on the adapter input, training only
-               "plus_ratio": 0.0,  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
-               "quantize_base": "none", "double_quant": False,  # nf4: QLoRA
-               # Whole embedding / head trained beside the adapters (PEFT modules_to_save; a tied pair is one
-               # tensor); embedding_lr > 0: their peak learning rate (same schedule shape), 0: optimizer.lr.
-               "train_embeddings": False, "train_head": False, "embedding_lr": 0.0},
-      "optimizer": {"lr": 1e-4, "schedule": "cosine", "warmup_ratio": 0.03, "final_lr_ratio": 0.1,
-                    "weight_decay": 0.01, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip": 1.0,
-                    "decay_fraction": 0.2, "decay_shape": "sqrt"},  # wsd: the final decay's share and shape
-      # Axis sizes (-1: the rest of the devices); require: refuse to run on another platform.
-      "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "require": "any"},
-      "checkpoint": {"every": 100, "keep": 3, "async_save": True, "resume": True},
-      "export": {"hf": False, "adapter": False, "merged": False, "dtype": FieldReference(None, field_type=str),
-                 "verify": True},  # the export certificate (convert/certify.py)
-      # Weights & Biases beside metrics.jsonl (same keys): an empty project turns it off; offline needs no network.
-      "metrics": {"wandb": {"project": "", "name": "", "entity": "", "mode": "offline"}},
-  })
-  cfg.lock()  # recipes and overrides may change values, never add keys: a typo fails loudly
-  return cfg
-
-
-# --- Rules: one per key. ---
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  kind: type | tuple
-  lo: float | None = None  # inclusive unless lo_open
-  hi: float | None = None  # inclusive unless hi_open
-  lo_open: bool = False
-  hi_open: bool = False
-  choices: tuple = ()
-  optional: bool = False  # None allowed
-
-  def check(self, key: str, value):
-    if value is None:
-      if not self.optional:
-        raise JaxteleError(f"config: {key}: must be set")
-      return
-    kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-      names = " or ".join(k.__name__ for k in kinds)
-      raise JaxteleError(f"config: {key}: expected {names}, got {value!r}")
-    if self.choices and value not in self.choices:
-      raise JaxteleError(f"config: {key}: {value!r} is not one of {', '.join(map(str, self.choices))}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      if isinstance(value, float) and not math.isfinite(value):
-        raise JaxteleError(f"config: {key}: must be finite, got {value}")
-      if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
-        raise JaxteleError(f"config: {key}: must be {'>' if self.lo_open else '>='} {self.lo}, got {value}{self.span()}")
-      if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
-        raise JaxteleError(f"config: {key}: must be {'<' if self.hi_open else '<='} {self.hi}, got {value}{self.span()}")
-
-  def span(self) -> str:
-    if self.lo is None or self.hi is None:
-      return ""
-    return f" (allowed: {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'})"
-
-
-def choice(*values):
-  return Rule(str, choices=values)
-
-
-POSITIVE, NONNEG, STR, BOOL = Rule(int, lo=1), Rule(int, lo=0), Rule(str), Rule(bool)
-UNIT_OPEN = Rule(float, lo=0.0, hi=1.0, hi_open=True)  # [0, 1)
-INIT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-             "num_kv_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-             "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "hidden_act", "norm_offset", "embed_scale",
-             "sandwich_norms", "qk_norm", "layer_types")
-OPTIONAL_INIT = {"sliding_window": int, "query_pre_attn_scalar": float, "attn_softcap": float,
-                 "final_softcap": float, "rope_local_theta": float}
-POSITIVE_OR_UNSET = Rule(float, lo=0.0, lo_open=True, optional=True)
-
-RULES = {
-    "run_dir": Rule(str), "seed": NONNEG,
-    "model.source": STR, "model.tokenizer": STR, "model.param_dtype": choice(*DTYPES),
-    "model.dtype": choice(*DTYPES, "auto"), "model.remat": choice(*REMAT_POLICIES),
-    "model.attention": choice(*ATTENTION_IMPLS), "model.adapter": STR, "model.scan_layers": BOOL,
-    "model.init.model_type": choice(*FAMILIES), "model.init.vocab_size": POSITIVE,
-    "model.init.hidden_size": POSITIVE, "model.init.intermediate_size": POSITIVE, "model.init.num_layers": POSITIVE,
-    "model.init.num_heads": POSITIVE, "model.init.num_kv_heads": POSITIVE, "model.init.head_dim": Rule(int, lo=2),
-    "model.init.rms_norm_eps": Rule(float, lo=0.0, lo_open=True), "model.init.rope_theta": Rule(float, lo=0.0, lo_open=True),
-    "model.init.max_position_embeddings": POSITIVE, "model.init.tie_word_embeddings": BOOL,
-    "model.init.qkv_bias": BOOL, "model.init.o_bias": BOOL, "model.init.mlp_bias": BOOL,
-    "model.init.hidden_act": choice(*ACTIVATIONS), "model.init.norm_offset": Rule(float),
-    "model.init.embed_scale": BOOL, "model.init.sandwich_norms": BOOL, "model.init.qk_norm": BOOL,
-    "model.init.layer_types": Rule(tuple), "model.init.sliding_window": Rule(int, lo=1, optional=True),
-    "model.init.query_pre_attn_scalar": POSITIVE_OR_UNSET, "model.init.attn_softcap": POSITIVE_OR_UNSET,
-    "model.init.final_softcap": POSITIVE_OR_UNSET, "model.init.rope_local_theta": POSITIVE_OR_UNSET,
-    "data.sources": Rule(tuple), "data.format": choice(*FORMATS), "data.sft_template": choice(*TEMPLATES),
-    "data.doc_end_token": Rule(str, optional=True), "data.seq_len": Rule(int, lo=2), "data.batch_size": POSITIVE,
-    "data.packing": choice(*PACKINGS), "data.num_packing_bins": POSITIVE, "data.shuffle": BOOL, "data.seed": NONNEG,
-    "data.num_epochs": Rule(int, lo=1, optional=True), "data.workers": NONNEG,
-    "data.split_before_shuffle": BOOL,
-    "eval.every": NONNEG, "eval.at_start": BOOL, "eval.max_batches": NONNEG, "eval.batch_size": POSITIVE,
-    "eval.sets": Rule(tuple), "eval.at_tokens": Rule(tuple), "eval.at_tokens_log": Rule(tuple),
-    "eval.forgetting_base": BOOL,
-    "train.forgetting_budget": Rule(float, lo=0.0), "train.on_budget": choice("continue", "stop"),
-    "export.verify": BOOL,
-    "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
-    "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
-    "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
-    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES, "auto"), "lora.variant": choice(*VARIANTS),
-    "lora.dropout": Rule(float, lo=0.0, hi=1.0, hi_open=True), "lora.plus_ratio": Rule(float, lo=0.0),
-    "lora.quantize_base": choice(*QUANTIZERS), "lora.double_quant": BOOL,
-    "lora.train_embeddings": BOOL, "lora.train_head": BOOL, "lora.embedding_lr": Rule(float, lo=0.0),
-    "optimizer.lr": Rule(float, lo=0.0, lo_open=True), "optimizer.schedule": choice(*SCHEDULES),
-    "optimizer.warmup_ratio": UNIT_OPEN, "optimizer.final_lr_ratio": Rule(float, lo=0.0, hi=1.0),
-    "optimizer.weight_decay": Rule(float, lo=0.0), "optimizer.b1": UNIT_OPEN, "optimizer.b2": UNIT_OPEN,
-    "optimizer.eps": Rule(float, lo=0.0, lo_open=True), "optimizer.clip": Rule(float, lo=0.0),
-    "optimizer.decay_fraction": Rule(float, lo=0.0, hi=1.0), "optimizer.decay_shape": choice(*DECAY_SHAPES),
-    "mesh.data": Rule(int, lo=-1), "mesh.fsdp": Rule(int, lo=-1), "mesh.tensor": Rule(int, lo=-1),
-    "mesh.require": choice(*PLATFORMS),
-    "checkpoint.every": POSITIVE, "checkpoint.keep": POSITIVE, "checkpoint.async_save": BOOL, "checkpoint.resume": BOOL,
-    "metrics.wandb.project": STR, "metrics.wandb.name": STR, "metrics.wandb.entity": STR,
-    "metrics.wandb.mode": choice("offline", "online", "disabled"),
-    "export.hf": BOOL, "export.adapter": BOOL, "export.merged": BOOL,
-    "export.dtype": Rule(str, choices=("float32", "bfloat16", "float16"), optional=True),
+OPTIONAL_POSITIVE = Rule(float, lo=0.0, lo_open=True, optional=True)
+# model.init: ModelConfig's architecture fields (their defaults are ModelConfig's), each with its rule.
+INIT_RULES = {
+    "model_type": choice(*FAMILIES), "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
+    "num_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE, "head_dim": Rule(int, lo=2),
+    "rms_norm_eps": POSITIVE_FLOAT, "rope_theta": POSITIVE_FLOAT, "max_position_embeddings": POSITIVE,
+    "tie_word_embeddings": BOOL, "qkv_bias": BOOL, "o_bias": BOOL, "mlp_bias": BOOL,
+    "hidden_act": choice(*ACTIVATIONS), "norm_offset": Rule(float), "embed_scale": BOOL, "sandwich_norms": BOOL,
+    "qk_norm": BOOL, "layer_types": TUPLE, "sliding_window": Rule(int, lo=1, optional=True),
+    "query_pre_attn_scalar": OPTIONAL_POSITIVE, "attn_softcap": OPTIONAL_POSITIVE, "final_softcap": OPTIONAL_POSITIVE,
+    "rope_local_theta": OPTIONAL_POSITIVE,
 }
 
 
-def leaves(cfg, prefix="") -> dict:
-  """{dotted key: value} for every leaf of a ConfigDict."""
-  out = {}
-  for k, v in cfg.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, ml_collections.ConfigDict):
-      out |= leaves(v, key + ".")
-    else:
-      out[key] = v
-  return out
+def _model_init() -> dict:
+  model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  return {key: rule(model[key]) for key, rule in INIT_RULES.items()}
+
+
+def train_schema() -> dict:
+  """Every training key: `rule(default)`."""
+  return {
+      "run_dir": STR("runs/default"),
+      "seed": NONNEG(0),
+      "model": {
+          # HF folder, hub id, .gguf or jaxtele folder; empty: random init from model.init
+          "source": STR(""),
+          "tokenizer": STR(""),  # empty: the source's; "bytes": the built-in byte tokenizer
+          "init": _model_init(),
+          "param_dtype": choice(*DTYPES)("float32"),
+          "dtype": choice(*DTYPES, "auto")("auto"),  # auto: bf16 compute on GPU/TPU, fp32 on CPU (accelerator.py)
+          "remat": choice(*REMAT_POLICIES)("none"),  # what a layer keeps for the backward pass (models/decoder.py)
+          "attention": choice(*ATTENTION_IMPLS)("auto"),  # auto: the fastest the backend has (models/attention.py)
+          "scan_layers": BOOL(False),  # compile one body for repeating layers (models/scan.py); same tree and values
+          "adapter": STR(""),  # a PEFT adapter folder to load onto the base (evaluate it, or continue training it)
+      },
+      "data": data_schema(),
+      # every 0: only at the end; at_start: a baseline before the first step (what forgetting is measured against)
+      "eval": {"every": NONNEG(0), "at_start": BOOL(False), "max_batches": NONNEG(8), "batch_size": POSITIVE(8),
+               "sets": TUPLE(()),
+               # also evaluate once the run has seen >= each of these input token counts; log: (first, last, n)
+               "at_tokens": TUPLE(()), "at_tokens_log": TUPLE(()),
+               "forgetting_base": BOOL(False)},  # score each eval against the frozen base in bpb (frontier.py)
+      "train": {"mode": choice("full", "lora")("full"), "steps": POSITIVE(100), "grad_accum": POSITIVE(1),
+                "log_every": POSITIVE(10),
+                "stop_at": NONNEG(0),  # stop_at > 0: save and stop after that step; the schedule still spans `steps`
+                # chunked: the [B, T, V] logits are never all alive
+                "loss": choice(*LOSSES)("plain"), "loss_chunk": POSITIVE(1024),
+                # 0.02: general bpb at most +2% over the base
+                "forgetting_budget": Rule(float, lo=0.0)(0.0), "on_budget": choice("continue", "stop")("continue")},
+      "lora": {"rank": POSITIVE(16), "alpha": POSITIVE_FLOAT(32.0), "targets": STR("all-linear"), "rslora": BOOL(False),
+               "extra_trainable": STR(""),
+               "base_dtype": choice(*DTYPES, "auto")("auto"),  # auto: the compute dtype on GPU/TPU, fp32 on CPU
+               "variant": choice(*VARIANTS)("lora"),  # lora | dora | pissa (init from W's top singular directions)
+               "dropout": UNIT_OPEN(0.0),  # on the adapter input, training only
+               "plus_ratio": Rule(float, lo=0.0)(0.0),  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
+               "quantize_base": choice(*QUANTIZERS)("none"), "double_quant": BOOL(False),  # nf4: QLoRA
+               # Whole embedding / head trained beside the adapters (PEFT modules_to_save; a tied pair is one
+               # tensor); embedding_lr > 0: their peak learning rate (same schedule shape), 0: optimizer.lr.
+               "train_embeddings": BOOL(False), "train_head": BOOL(False), "embedding_lr": Rule(float, lo=0.0)(0.0)},
+      "optimizer": {"lr": POSITIVE_FLOAT(1e-4), "schedule": choice(*SCHEDULES)("cosine"),
+                    "warmup_ratio": UNIT_OPEN(0.03), "final_lr_ratio": Rule(float, lo=0.0, hi=1.0)(0.1),
+                    "weight_decay": Rule(float, lo=0.0)(0.01), "b1": UNIT_OPEN(0.9), "b2": UNIT_OPEN(0.95),
+                    "eps": POSITIVE_FLOAT(1e-8), "clip": Rule(float, lo=0.0)(1.0),
+                    # wsd: the final decay's share and shape
+                    "decay_fraction": Rule(float, lo=0.0, hi=1.0)(0.2), "decay_shape": choice(*DECAY_SHAPES)("sqrt")},
+      # Axis sizes (-1: the rest of the devices); require: refuse to run on another platform.
+      "mesh": {"data": schema.MESH_AXIS(-1), "fsdp": schema.MESH_AXIS(1), "tensor": schema.MESH_AXIS(1),
+               "require": choice("any", *PLATFORMS)("any")},
+      "checkpoint": {"every": POSITIVE(100), "keep": POSITIVE(3), "async_save": BOOL(True), "resume": BOOL(True)},
+      "export": {"hf": BOOL(False), "adapter": BOOL(False), "merged": BOOL(False),
+                 "dtype": choice(*EXPORT_DTYPES, optional=True)(None),
+                 "verify": BOOL(True)},  # the export certificate (convert/certify.py)
+      # Weights & Biases beside metrics.jsonl (same keys): an empty project turns it off; offline needs no network.
+      "metrics": {"wandb": {"project": STR(""), "name": STR(""), "entity": STR(""),
+                            "mode": choice("offline", "online", "disabled")("offline")}},
+  }
+
+
+RULES = schema.rules(train_schema())
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The training defaults, locked: recipes and overrides may change values, never add keys (a typo fails loudly)."""
+  return schema.defaults(train_schema())
 
 
 def check_rules(cfg):
-  """Every key against its rule: type, range or choices. A key without a rule is a bug, not a pass."""
-  for key, value in leaves(cfg).items():
-    if key not in RULES:
-      raise JaxteleError(f"config: {key}: no validation rule for this key")
-    RULES[key].check(key, value)
-  for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
-    if cfg.mesh[key.split(".")[1]] == 0:
-      raise JaxteleError(f"config: {key}: must be -1 (the rest of the devices) or >= 1, got 0")
+  """Every key against its rule (a key without a rule is a bug, not a pass), then the mesh's axis sizes."""
+  schema.check(cfg, RULES)
+  schema.check_mesh(cfg.mesh)
 
 
 # --- Loading: config_flags parses the recipe and the overrides. ---
@@ -263,20 +182,39 @@ def _check_key(cfg, dotted: str):
     node = node[p]
 
 
-def from_argv(argv) -> ml_collections.ConfigDict:
-  """`--config FILE [--config.key=value ...]` (the CLI's arguments) -> a checked config."""
-  path, overrides = None, []
+TRAIN_USAGE = "usage: --config FILE [--config.key=value ...]"
+
+
+def split_argv(argv, usage: str = TRAIN_USAGE, options=()) -> dict:
+  """A CLI's arguments (`train`, `eval`, `data inspect`): `--config FILE` (or `--config=FILE`), any number of
+  `--config.key=value` overrides and the command's own `options` (`--name VALUE` or `--name=VALUE`), in any
+  order; a lone `--` is passed over (it was once needed before overrides). -> {"config": FILE,
+  "overrides": [...], "--name": VALUE...}; anything else, a missing value or no --config is one line."""
+  out = {"overrides": []}
   args = iter(argv)
   for a in args:
-    if a == "--config":
-      path = next(args, None)
-    elif a.startswith("--config="):
-      path = a.split("=", 1)[1]
-    else:
-      overrides.append(a)
-  if not path:
-    raise JaxteleError("--config: required (e.g. --config configs/quickstart.py)")
-  return load_config(path, overrides)
+    flag, eq, value = a.partition("=")
+    if a == "--":
+      continue
+    if a.startswith("--config.") and eq:
+      out["overrides"].append(a)
+      continue
+    if flag != "--config" and flag not in options:
+      raise JaxteleError(f"unknown argument {a!r} ({usage})")
+    if not eq:
+      value = next(args, None)
+      if value is None:
+        raise JaxteleError(f"{flag}: needs a value ({usage})")
+    out["config" if flag == "--config" else flag] = value
+  if not out.get("config"):
+    raise JaxteleError(f"--config: required, e.g. --config configs/quickstart.py ({usage})")
+  return out
+
+
+def from_argv(argv) -> ml_collections.ConfigDict:
+  """`--config FILE [--config.key=value ...]` (the CLI's arguments) -> a checked config."""
+  args = split_argv(argv)
+  return load_config(args["config"], args["overrides"])
 
 
 # --- Checks that need the model, the devices or the file system. ---
@@ -294,7 +232,7 @@ def check_paths(cfg):
   for where, sources in sets:
     for j, spec in enumerate(sources):
       path = spec.get("path")
-      if spec.get("type") in FILE_SOURCES + ("tfds",) and path and not os.path.exists(path):
+      if spec.get("type") in SOURCES and path and not os.path.exists(path):
         raise JaxteleError(f"{where}[{j}].path: no such file or folder {path}")
 
 
@@ -323,10 +261,24 @@ def validate(cfg, model_cfg: ModelConfig, n_devices: int, n_processes: int = 1):
   if cfg.optimizer.schedule == "wsd" and cfg.optimizer.warmup_ratio + cfg.optimizer.decay_fraction > 1:
     raise JaxteleError(f"config: optimizer.decay_fraction: {cfg.optimizer.decay_fraction} + optimizer.warmup_ratio "
                        f"({cfg.optimizer.warmup_ratio}) exceed 1 (the run has no room for its warmup and decay)")
+  check_model_runtime(cfg, model_cfg)
   requested_tokens(cfg.eval)
   check_forgetting(cfg)
   if cfg.train.stop_at > cfg.train.steps:
     raise JaxteleError(f"config: train.stop_at: {cfg.train.stop_at} is past train.steps ({cfg.train.steps})")
+
+
+def check_model_runtime(cfg, model_cfg: ModelConfig, backend: str | None = None):
+  """What the model package would refuse while tracing, refused first under the key that chose it."""
+  from jaxtele.build import resolved_attention
+
+  backend = backend or jax.default_backend()
+  if model_cfg.remat in HOST_OFFLOAD_REMAT and backend not in ACCELERATORS:
+    raise JaxteleError(f"config: model.remat: {model_cfg.remat} needs a GPU or TPU (host offload), not {backend}")
+  resolved_attention(model_cfg, backend)
+  if cfg.train.loss == "chunked" and model_cfg.final_softcap:
+    raise JaxteleError(f"config: train.loss: chunked cannot apply {model_cfg.model_type}'s final soft-capping "
+                       f"(final_logit_softcapping={model_cfg.final_softcap}); use train.loss=plain")
 
 
 def check_forgetting(cfg):

@@ -35,8 +35,8 @@ def peak_flops(device=None) -> float | None:
 
 def matmul_params(model_cfg) -> int:
   D, F, L, V = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers, model_cfg.vocab_size
-  H, K, Q = model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
-  return L * (D * H * Q * 2 + D * K * Q * 2 + 3 * D * F) + D * V
+  N, K, H = model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
+  return L * (D * N * H * 2 + D * K * H * 2 + 3 * D * F) + D * V
 
 
 def flops_per_token(model_cfg, seq_len: int, mode: str, adapter_params: int = 0) -> float:

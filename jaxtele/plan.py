@@ -16,7 +16,7 @@ import jax
 from jaxtele import build
 from jaxtele.accelerator import ACCELERATORS, mesh_context, resolve_base_dtype
 from jaxtele.config import print_config
-from jaxtele.models.config import REMAT_POLICIES
+from jaxtele.models.decoder import REMAT_POLICIES
 from jaxtele.optimizer import run_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, bytes_per_device, make_mesh
 from jaxtele.step import init_state, make_train_step

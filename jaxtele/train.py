@@ -21,7 +21,6 @@ from jaxtele.data import setup as data_setup
 from jaxtele.data.pipeline import packing_efficiency
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval.perplexity import evaluate
-from jaxtele.models.attention import resolve_attention
 from jaxtele.metrics import MetricsWriter, Throughput, flops_per_token
 from jaxtele.models.lora import trainable_table
 from jaxtele.optimizer import run_optimizer
@@ -86,10 +85,9 @@ def setup(cfg) -> Setup:
   model_cfg = build.model_config(cfg.model)
   validate(cfg, model_cfg, jax.device_count(), jax.process_count())
   mesh = make_mesh(cfg.mesh)
-  windows = {model_cfg.layer_window(i) for i in range(model_cfg.num_layers)}
-  impl = resolve_attention(model_cfg.attention, model_cfg.dtype, model_cfg.head_dim, next((w for w in windows if w), None),
-                           softcap=model_cfg.attn_softcap)
-  log(f"attention: {impl} (model.attention={model_cfg.attention}); loss: {cfg.train.loss}; remat: {model_cfg.remat}")
+  # build resolved `auto` and validate checked an explicit name: model_cfg.attention is what runs
+  log(f"attention: {model_cfg.attention} (model.attention={cfg.model.attention}); loss: {cfg.train.loss}; "
+      f"remat: {model_cfg.remat}")
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
       f"{jax.process_count()} process(es)")
 

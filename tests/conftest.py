@@ -36,6 +36,24 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def window_perplexity():
+  """model, ids, window, count -> exp(mean NLL) over `count` non-overlapping windows of `window` targets, each
+  window scored on its own (no context carried across): the model's own forward, for comparing with others'."""
+  import jax.numpy as jnp
+
+  from jaxtele.loss import masked_sum_and_count
+
+  def ppl(model, ids, window, count):
+    ids = np.asarray(ids, np.int32)
+    rows = np.stack([ids[i * window: i * window + window + 1] for i in range(count)])
+    s, c = masked_sum_and_count(model(jnp.asarray(rows[:, :-1])), jnp.asarray(rows[:, 1:]),
+                                jnp.ones((count, window), jnp.int32))
+    return float(np.exp(float(s) / float(c)))
+
+  return ppl
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer():
   """SmolLM2's tokenizer, rebuilt from the GGUF metadata (no weights loaded)."""
   from jaxtele.convert import load_tokenizer, smollm2_gguf_path

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from jaxtele.config import RULES, check_rules, default_config, leaves, load_config
+from jaxtele.config import RULES, check_rules, default_config, leaves, load_config, split_argv
 from jaxtele.errors import JaxteleError
+from jaxtele.eval import config as eval_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_test.py")
@@ -28,14 +29,21 @@ def bad_value(rule):
   return "x", "expected"
 
 
-def test_every_key_has_a_rule():
-  assert sorted(leaves(default_config())) == sorted(RULES)
+SCHEMAS = {"train": (default_config, RULES, check_rules),
+           "eval": (eval_config.default_config, eval_config.RULES, eval_config.check_rules)}
 
 
-@pytest.mark.parametrize("key", sorted(RULES))
-def test_each_rule_refuses_a_bad_value(key):
-  cfg = default_config()
-  value, words = bad_value(RULES[key])
+@pytest.mark.parametrize("which", sorted(SCHEMAS))
+def test_every_key_has_a_rule(which):
+  defaults, rules, _ = SCHEMAS[which]
+  assert sorted(leaves(defaults())) == sorted(rules)
+
+
+@pytest.mark.parametrize("which,key", [(w, k) for w in sorted(SCHEMAS) for k in sorted(SCHEMAS[w][1])])
+def test_each_rule_refuses_a_bad_value(which, key):
+  defaults, rules, check_rules = SCHEMAS[which]
+  cfg = defaults()
+  value, words = bad_value(rules[key])
   *parents, leaf = key.split(".")
   node = cfg
   for p in parents:
@@ -61,6 +69,47 @@ def test_numeric_nonsense_is_refused_on_load(override, message):
   with pytest.raises(JaxteleError) as e:
     load_config(TINY, [override])
   assert message in str(e.value)
+
+
+def test_unknown_keys_and_unparsable_values_name_the_key():
+  with pytest.raises(JaxteleError, match=r"^config: unknown key 'optimizer.lrr'$"):
+    load_config(TINY, ["--config.optimizer.lrr=1.0"])
+  with pytest.raises(JaxteleError, match=r"^config: train.steps: cannot parse 'many'"):
+    load_config(TINY, ["--config.train.steps=many"])
+
+
+def test_argv_helper_takes_overrides_with_or_without_a_separator():
+  """The one parser of train, eval and data inspect: `--config FILE`, overrides anywhere, `--` passed over."""
+  want = {"config": "r.py", "overrides": ["--config.a=1", "--config.b.c=x y"], "--out": "o"}
+  assert split_argv(["--config", "r.py", "--config.a=1", "--", "--config.b.c=x y", "--out", "o"],
+                    options=("--out",)) == want
+  assert split_argv(["--config.a=1", "--out=o", "--config=r.py", "--config.b.c=x y"], options=("--out",)) == want
+  for argv, words in ((["--config", "r.py", "--out", "o"], "unknown argument '--out'"),
+                      (["--config.a=1"], "--config: required"), (["--config"], "--config: needs a value"),
+                      (["--config", "r.py", "--config.a"], "unknown argument '--config.a'")):
+    with pytest.raises(JaxteleError, match=words) as e:
+      split_argv(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_model_refusals_are_named_by_the_key_that_chose_them():
+  """The model package's errors name no config key; validation refuses the same things first, by key."""
+  from jaxtele.config import check_model_runtime
+  from jaxtele.models.config import ModelConfig
+
+  cfg = default_config()
+  with pytest.raises(JaxteleError, match=r"^config: model.remat: offload_dots needs a GPU or TPU \(host offload\), "
+                                         r"not cpu$"):
+    check_model_runtime(cfg, ModelConfig(remat="offload_dots"), backend="cpu")
+  check_model_runtime(cfg, ModelConfig(remat="offload_dots"), backend="gpu")
+  with pytest.raises(JaxteleError, match=r"^config: model.attention: cudnn needs a CUDA GPU, but the JAX backend "
+                                         r"is 'cpu'$"):
+    check_model_runtime(cfg, ModelConfig(attention="cudnn", dtype="bfloat16"), backend="cpu")
+  cfg.train.loss = "chunked"
+  check_model_runtime(cfg, ModelConfig(), backend="cpu")
+  with pytest.raises(JaxteleError, match=r"^config: train.loss: chunked cannot apply gemma2's final soft-capping "
+                                         r"\(final_logit_softcapping=30.0\); use train.loss=plain$"):
+    check_model_runtime(cfg, ModelConfig(model_type="gemma2", final_softcap=30.0), backend="cpu")
 
 
 def test_negative_lr_stops_the_cli_before_anything_heavy(tmp_path):

@@ -93,10 +93,10 @@ def test_gguf_of_another_architecture(tmp_path):
 def test_token_ids_out_of_vocab(hf_folder):
   rc, err, n = run_cli("jaxtele.eval.generate", "--model", hf_folder, "--ids", "1,5,97")
   assert rc == 2 and n == 1 and "token id 97" in err and "[0, 97)" in err
-  from jaxtele.eval.perplexity import perplexity
+  from jaxtele.models.decoder import check_token_ids
 
-  with pytest.raises(JaxteleError, match="token id -1"):
-    perplexity(load_pretrained(hf_folder).model, [1, 2, -1, 3, 4], window=2)
+  with pytest.raises(JaxteleError, match=r"token id -1 at index \(0, 2\) is outside the vocabulary \[0, 97\)"):
+    check_token_ids(np.array([[1, 2, -1, 3, 4]]), load_pretrained(hf_folder).model.config.vocab_size)
 
 
 def test_existing_output_is_not_overwritten(hf_folder, tmp_path):

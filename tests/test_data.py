@@ -87,12 +87,47 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
   assert len(src) == 1 and src.stats["skipped_malformed"] == 1
 
 
+def test_json_files_fail_in_one_line_naming_file_and_line(tmp_path):
+  """The json source, an HF config.json and a PEFT adapter_config.json are read by one reader: missing,
+  malformed (with its line) and non-UTF-8 files are one line each."""
+  from jaxtele.convert import hf, peft
+
+  readers = {"items.json": lambda d: make_source({"type": "json", "path": str(d / "items.json")}),
+             "config.json": lambda d: hf.read_config(str(d)),
+             "adapter_config.json": lambda d: peft.read_config(str(d))}
+  missing = {"items.json": "no such file (json source)", "config.json": "missing (not a Hugging Face model folder)",
+             "adapter_config.json": "missing (not a PEFT adapter folder)"}
+  for name, read in readers.items():
+    d = tmp_path / name.replace(".", "_")
+    d.mkdir()
+    for content, words in ((None, missing[name]), ('[\n{"a": 1},\n{"a" 2}\n]', ":3: malformed JSON (Expecting ':' delimiter)"),
+                           (b'["\xff"]', ": not UTF-8")):
+      if content is not None:
+        (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+      with pytest.raises(JaxteleError) as e:
+        read(d)
+      assert str(e.value) == (f"{d / name}: {words}" if content is None else f"{d / name}{words}")
+
+
 def test_empty_and_non_utf8_documents_are_counted_not_fatal(tmp_path):
   (tmp_path / "a.txt").write_text("real text")
   (tmp_path / "b.txt").write_text("   \n")
   (tmp_path / "c.txt").write_bytes(b"\xff\xfe broken \xc3")
   src = make_source({"type": "text", "path": str(tmp_path)})
   assert len(src) == 1 and src.stats == {"dropped_empty": 1, "dropped_non_utf8": 1}
+
+
+@pytest.mark.parametrize("separator", [[], ["--"]])
+def test_inspect_takes_overrides_as_train_does(workdir, capsys, separator):
+  """`data inspect` parses its arguments with the trainer's helper: overrides need no `--` (still accepted)."""
+  from jaxtele.data.__main__ import main
+
+  recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_test.py")
+  main(["inspect", "--config", recipe, "--batches", "1", *separator, "--config.data.seq_len=24",
+        "--config.data.batch_size=2"])
+  out = capsys.readouterr().out
+  shapes = out.split("batch 0: ", 1)[1].split("}", 1)[0]
+  assert shapes.count("[2, 24]") == 5 and "'tokens': [2, 24]" in shapes and "batch 1" not in out
 
 
 def test_unknown_source_type_field_and_key(tmp_path):

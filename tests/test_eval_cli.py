@@ -83,6 +83,22 @@ def test_cli_bad_template_is_one_error_line(tiny, workdir, capsys):
   assert e.value.code == 2 and err.count("\n") == 0 and "has no {question} slot" in err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--config.mcq.limit=-1"], "config: mcq.limit: must be >= 0, got -1"),
+    (["--config.mcq.nope=1"], "config: unknown key 'mcq.nope'"),
+    (["--config.generation.max_new_tokens=many"], "config: generation.max_new_tokens: cannot parse 'many'"),
+    (["--config.perplexity.sample=1.5"], "config: perplexity.sample: must be <= 1.0, got 1.5 (allowed: (0.0, 1.0])"),
+    (["--", "--config.mcq.style=letters"], "config: mcq.style: 'letters' is not one of cloze, letter"),
+    (["--modle", "x.gguf"], "unknown argument '--modle' (usage: --config FILE [--model SOURCE] [--out DIR]"),
+])
+def test_cli_bad_keys_are_one_error_line_naming_the_key(workdir, capsys, args, message):
+  write_inputs(workdir)
+  with pytest.raises(SystemExit) as e:
+    main(["--config", "eval_cfg.py", "--model", "x.gguf", *args])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.count("\n") == 0 and err.startswith(f"error: {message}"), err
+
+
 @pytest.mark.slow
 def test_cli_on_the_gguf(shared_data, tmp_path, capsys):
   from jaxtele.convert import smollm2_gguf_path

@@ -9,7 +9,6 @@ import torch
 
 from jaxtele.data.tokenize import DocTokenizer
 from jaxtele.eval import answers, items, mcq
-from jaxtele.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +24,12 @@ def hf_nll(ref, ids) -> np.ndarray:
   return -logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
 
 
-def test_perplexity_matches_transformers(smollm2, smollm2_hf):
+def test_perplexity_matches_transformers(smollm2, smollm2_hf, window_perplexity):
   _, ref = smollm2_hf
   ids = smollm2.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
   window = 16
   n = (len(ids) - 1) // window
-  ours = perplexity(smollm2.model, ids, window=window, count=n, batch=2)
+  ours = window_perplexity(smollm2.model, ids, window, n)
   nll = np.concatenate([hf_nll(ref, ids[i * window:(i + 1) * window + 1]) for i in range(n)])
   want = float(np.exp(nll.mean()))
   assert abs(ours / want - 1) < 1e-3, (ours, want)

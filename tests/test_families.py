@@ -67,11 +67,15 @@ def test_hf_names_of_the_new_leaves(family):
 
 
 def test_fused_kernels_refuse_softcap_and_auto_picks_xla():
+  from jaxtele.build import resolved_attention
   from jaxtele.models.attention import resolve_attention
+  from jaxtele.models.config import ModelConfig
 
   for impl in ("cudnn", "pallas"):
-    with pytest.raises(JaxteleError, match=f"model.attention={impl}: .*soft-capping"):
+    with pytest.raises(JaxteleError, match=f"^{impl}: .*soft-capping"):
       resolve_attention(impl, "bfloat16", 256, backend="gpu", softcap=50.0)
+    with pytest.raises(JaxteleError, match=f"^config: model.attention: {impl}: .*soft-capping"):
+      resolved_attention(ModelConfig(attention=impl, dtype="bfloat16", head_dim=256, attn_softcap=50.0), "gpu")
   assert resolve_attention("auto", "bfloat16", 128, backend="gpu", softcap=50.0) == "xla"
   assert resolve_attention("auto", "bfloat16", 128, backend="gpu") == "cudnn"
 

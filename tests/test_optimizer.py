@@ -111,10 +111,17 @@ def test_every_remat_policy_trains_like_no_remat(policy):
 
 
 def test_host_offload_remat_is_refused_on_cpu():
+  """Refused by validation, before the model is traced (the model package itself asks no device)."""
+  import os
+
+  from jaxtele.build import model_config
+  from jaxtele.config import load_config, validate
   from jaxtele.errors import JaxteleError
 
-  with pytest.raises(JaxteleError, match="model.remat: offload_dots needs a GPU or TPU"):
-    one_step(TINY.replace(remat="offload_dots"))
+  recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_test.py")
+  cfg = load_config(recipe, ["--config.model.remat=offload_dots"])
+  with pytest.raises(JaxteleError, match="config: model.remat: offload_dots needs a GPU or TPU"):
+    validate(cfg, model_config(cfg.model), 1)
 
 
 def test_bf16_compute_keeps_fp32_master_weights():

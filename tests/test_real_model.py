@@ -9,7 +9,6 @@ import transformers
 
 from jaxtele.convert import hf
 from jaxtele.eval.generate import chat_prompt_ids, greedy
-from jaxtele.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +20,11 @@ def spec_body(shared_data, name="38.321_MAC_j20.md", chars=20000):
   return text[start:start + chars]
 
 
-def test_perplexity_on_wikitext_and_3gpp(smollm2, shared_data):
+def test_perplexity_on_wikitext_and_3gpp(smollm2, shared_data, window_perplexity):
   tok = smollm2.tokenizer
   wiki = open(os.path.join(shared_data, "wikitext2", "wiki.test.raw"), encoding="utf-8").read()[:20000]
-  wiki_ppl = perplexity(smollm2.model, tok.encode(wiki), window=256, count=4)
-  spec_ppl = perplexity(smollm2.model, tok.encode(spec_body(shared_data)), window=256, count=4)
+  wiki_ppl = window_perplexity(smollm2.model, tok.encode(wiki), 256, 4)
+  spec_ppl = window_perplexity(smollm2.model, tok.encode(spec_body(shared_data)), 256, 4)
   print(f"SmolLM2-135M perplexity: wikitext2 {wiki_ppl:.2f}, 3GPP TS 38.321 {spec_ppl:.2f}")
   assert wiki_ppl < 60
   assert spec_ppl < 30

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxtele.errors import JaxteleError
+from jaxtele.errors import JaxteleError, read_json
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder
 
@@ -94,14 +94,7 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
 
 def read_config(folder: str, **runtime) -> ModelConfig:
   path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
-    raise JaxteleError(f"{path}: missing (not a Hugging Face model folder)")
-  try:
-    with open(path) as f:
-      hf = json.load(f)
-  except json.JSONDecodeError as e:
-    raise JaxteleError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-  return ModelConfig.from_hf(hf, source=path, **runtime)
+  return ModelConfig.from_hf(read_json(path, "missing (not a Hugging Face model folder)"), source=path, **runtime)
 
 
 def resolve(source: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxtele.errors import JaxteleError
+from jaxtele.errors import JaxteleError, read_json
 from jaxtele.models.adapters import VARIANTS, PissaAdapter
 from jaxtele.models.lora import DEFAULT, EMBED, HEAD, attach, linears, lora_paths, module_name
 
@@ -107,13 +107,7 @@ def save_adapter(model, folder: str, *, name: str = DEFAULT, rslora: bool = Fals
 
 def read_config(folder: str) -> dict:
   path = os.path.join(folder, CONFIG)
-  if not os.path.exists(path):
-    raise JaxteleError(f"{path}: missing (not a PEFT adapter folder)")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise JaxteleError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+  config = read_json(path, "missing (not a PEFT adapter folder)")
   if config.get("peft_type") != "LORA":
     raise JaxteleError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
   for key, off in (("rank_pattern", {}), ("alpha_pattern", {}), ("lora_bias", False), ("fan_in_fan_out", False)):

@@ -2,14 +2,14 @@
 
   python -m jaxtele.data prepare --input ../shared/data/3gpp --tokenizer MODEL --out data/telecom \
       [--heldout-specs 38.101-1,23.502] [--heldout-spec-fraction 0.1]
-  python -m jaxtele.data inspect --config configs/quickstart.py [--batches 3]
+  python -m jaxtele.data inspect --config configs/quickstart.py [--batches 3] [--config.key=value ...]
   python -m jaxtele.data synthetic --out runs/corpus     # the quickstart's generated corpus
 """
 
 import argparse
 import sys
 
-from jaxtele.errors import cli
+from jaxtele.errors import JaxteleError, cli
 
 
 def prepare(args):
@@ -21,15 +21,26 @@ def prepare(args):
                heldout_specs=args.heldout_specs, heldout_spec_fraction=args.heldout_spec_fraction)
 
 
-def inspect(args):
-  from jaxtele.config import load_config
+INSPECT_USAGE = "python -m jaxtele.data inspect --config FILE [--batches N] [--config.key=value ...]"
+
+
+def inspect(argv):
+  """Arguments as `train` takes them (the shared argv helper), plus `--batches N`."""
+  from jaxtele.config import load_config, split_argv
   from jaxtele.data.pipeline import packing_efficiency
   from jaxtele.data.setup import data_for
 
-  cfg = load_config(args.config, args.override)
+  if argv[:1] in (["-h"], ["--help"]):
+    print(f"usage: {INSPECT_USAGE}")
+    return 0
+  args = split_argv(argv, f"usage: {INSPECT_USAGE}", options=("--batches",))
+  batches = args.get("--batches", "2")
+  if not batches.isdigit() or int(batches) < 1:
+    raise JaxteleError(f"--batches: expected a whole number >= 1, got {batches!r}")
+  cfg = load_config(args["config"], args["overrides"])
   tok, ds = data_for(cfg, log=print)
   it = iter(ds)
-  for i in range(args.batches):
+  for i in range(int(batches)):
     b = next(it)
     shapes = {k: list(v.shape) for k, v in b.items()}
     print(f"batch {i}: {shapes} packing efficiency {packing_efficiency(b):.3f} "
@@ -64,17 +75,18 @@ def main(argv=None):
                  help="also hold out whole the specs whose number hashes below this fraction")
   q.add_argument("--overwrite", action="store_true")
   q.set_defaults(fn=prepare)
-  i = sub.add_parser("inspect", help="print a few batches of a config's training data")
-  i.add_argument("--config", required=True)
-  i.add_argument("--batches", type=int, default=2)
-  i.add_argument("override", nargs="*", help="--config.key=value overrides")
-  i.set_defaults(fn=inspect)
+  # inspect's arguments are the trainer's (parsed in `inspect`): listed here for --help only
+  sub.add_parser("inspect", help="print a few batches of a config's training data", usage=INSPECT_USAGE,
+                 add_help=False)
   g = sub.add_parser("synthetic", help="write the generated telecom-style corpus (quickstart, tests)")
   g.add_argument("--out", default="runs/corpus")
   g.add_argument("--train-docs", type=int, default=2000)
   g.add_argument("--eval-docs", type=int, default=100)
   g.add_argument("--seed", type=int, default=0)
   g.set_defaults(fn=synthetic)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["inspect"]:
+    return inspect(argv[1:])
   args = p.parse_args(argv)
   args.fn(args)
 

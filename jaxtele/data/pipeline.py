@@ -17,28 +17,36 @@ from jaxtele.data.pieces import DocumentPieces
 from jaxtele.data.sources import make_source
 from jaxtele.data.tokenize import DocTokenizer
 from jaxtele.errors import JaxteleError
+from jaxtele.schema import BOOL, NONNEG, POSITIVE, TUPLE, Rule, choice, defaults
 
 FORMATS = ("text", "tokens", "sft")
 
 
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
+def schema() -> dict:
+  """The data keys, each `rule(default)` (jaxtele/schema.py): `data` in a training config, `perplexity.data` in
+  an evaluation config."""
+  return {
       # Each source: {type: text|jsonl|json|parquet|tfds, path|name, weight, field, fields, split, ...}.
-      "sources": (),
-      "format": "text",  # text: raw documents; tokens: prepared token ids; sft: instruction records
-      "sft_template": "alpaca",
-      "doc_end_token": ml_collections.FieldReference(None, field_type=str),
-      "seq_len": 512,
-      "batch_size": 8,  # global, over all processes
-      "packing": "first_fit",
+      "sources": TUPLE(()),
+      # text: raw documents; tokens: prepared token ids; sft: instruction records
+      "format": choice(*FORMATS)("text"),
+      "sft_template": choice(*sft.TEMPLATES)("alpaca"),
+      "doc_end_token": Rule(str, optional=True)(None),
+      "seq_len": Rule(int, lo=2)(512),
+      "batch_size": POSITIVE(8),  # global, over all processes
+      "packing": choice(*PACKINGS)("first_fit"),
       # text/tokens training streams: cut documents into seq_len pieces before the shuffle (data/pieces.py)
-      "split_before_shuffle": True,
-      "num_packing_bins": 16,
-      "shuffle": True,
-      "seed": 0,
-      "num_epochs": ml_collections.FieldReference(None, field_type=int),  # None: repeat forever
-      "workers": 0,
-  })
+      "split_before_shuffle": BOOL(True),
+      "num_packing_bins": POSITIVE(16),
+      "shuffle": BOOL(True),
+      "seed": NONNEG(0),
+      "num_epochs": Rule(int, lo=1, optional=True)(None),  # None: repeat forever
+      "workers": NONNEG(0),
+  }
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return defaults(schema(), lock=False)  # as before: a caller building a data config may add its own keys
 
 
 class Formatter:

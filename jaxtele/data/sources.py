@@ -9,13 +9,13 @@ import collections
 import json
 import os
 
-from jaxtele.errors import JaxteleError
+from jaxtele.errors import JaxteleError, read_json
 
 TEXT_SUFFIXES = (".md", ".txt")
 
 
-class _Source:
-  """Records held as (id, record) pairs; `stats` counts what was left out and why."""
+class Records:
+  """A source held in memory as records ({id, text} or selected fields); `stats` counts what was left out and why."""
 
   def __init__(self):
     self.records: list = []
@@ -39,7 +39,7 @@ class _Source:
     self.records.append({"id": doc_id, "text": text})
 
 
-class Text(_Source):
+class Text(Records):
   """A text file is one document; a folder gives one document per `.md`/`.txt` file (sorted, recursive)."""
 
   def __init__(self, path: str):
@@ -57,7 +57,7 @@ class Text(_Source):
             self._add_text(os.path.relpath(os.path.join(root, name), path), f.read())
 
 
-class Jsonl(_Source):
+class Jsonl(Records):
   """One JSON object per line; `field` holds the text, or `fields` selects several (SFT records)."""
 
   def __init__(self, path: str, field: str | None = "text", fields=None, skip_malformed=False, id_field=None):
@@ -99,16 +99,8 @@ class JsonList(Jsonl):
   """A JSON file holding a list of objects (e.g. Alpaca); errors name the file and the JSON line."""
 
   def __init__(self, path: str, field: str | None = "text", fields=None, id_field=None):
-    _Source.__init__(self)
-    if not os.path.isfile(path):
-      raise JaxteleError(f"{path}: no such file (json source)")
-    try:
-      with open(path, encoding="utf-8") as f:
-        items = json.load(f)
-    except json.JSONDecodeError as e:
-      raise JaxteleError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-      raise JaxteleError(f"{path}: not UTF-8") from None
+    Records.__init__(self)
+    items = read_json(path, "no such file (json source)")
     if not isinstance(items, list):
       raise JaxteleError(f"{path}: expected a JSON list of objects")
     for i, obj in enumerate(items):
@@ -118,7 +110,7 @@ class JsonList(Jsonl):
       self._add_object(obj, doc_id, f"{path}: item {i}", field, fields)
 
 
-class Parquet(_Source):
+class Parquet(Records):
   def __init__(self, path: str, field: str = "text", fields=None):
     super().__init__()
     import pyarrow.parquet as pq

@@ -2,7 +2,7 @@
 temperature / top-p sampling (seeded), each row stopping at a stop token or a stop string.
 
 Shapes are bucketed (prompt length to a multiple of 16, cache to a multiple of 64) so a handful of
-compilations serve a whole evaluation. Legend: B batch, P padded prompt length, S cache slots, V vocab.
+compilations serve a whole evaluation. Shape letters: jaxtele/models/__init__.py (T the padded prompt, S cache slots).
 """
 
 import dataclasses
@@ -47,10 +47,10 @@ def pick(logits_BV, key, temperature: float, top_p: float):
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def _prefill(graphdef, state, tokens_BP, positions_BP, cache, key, temperature, top_p):
+def _prefill(graphdef, state, tokens_BT, positions_BT, cache, key, temperature, top_p):
   model = nnx.merge(graphdef, state)
-  x_BPD, cache = model.forward_cached(tokens_BP, positions_BP, cache, 0)
-  return pick(model.logits(x_BPD[:, -1]), key, temperature, top_p), cache
+  x_BTD, cache = model.forward_cached(tokens_BT, positions_BT, cache, 0)
+  return pick(model.logits(x_BTD[:, -1]), key, temperature, top_p), cache
 
 
 def _step(graphdef, state, tok_B, pos_B, cache, index, key, temperature, top_p):
@@ -103,17 +103,17 @@ def generate(model: Decoder, prompts, sampling: Sampling = Sampling(), *, tokeni
 
 def _generate_batch(model, fns, state, prompts, sampling, tokenizer, batch_size, key):
   prefill, step = fns
-  P = _round_up(max(len(p) for p in prompts), 16)
-  S = _round_up(P + sampling.max_new_tokens, 64)
+  T = _round_up(max(len(p) for p in prompts), 16)
+  S = _round_up(T + sampling.max_new_tokens, 64)
   if max(len(p) for p in prompts) + sampling.max_new_tokens > model.config.max_position_embeddings:
     limit = model.config.max_position_embeddings
     raise JaxteleError(f"generation: prompt + max_new_tokens exceeds the model's {limit} "
                        "positions")
-  tokens_BP, positions_BP = left_pad(prompts, P, batch_size)
+  tokens_BT, positions_BT = left_pad(prompts, T, batch_size)
   next_pos_B = np.asarray([len(p) for p in prompts] + [1] * (batch_size - len(prompts)), np.int32)
   cache = model.init_cache(batch_size, S)
   keys = jax.random.split(key, sampling.max_new_tokens)
-  tok_B, cache = prefill(state, jnp.asarray(tokens_BP), jnp.asarray(positions_BP), cache, keys[0])
+  tok_B, cache = prefill(state, jnp.asarray(tokens_BT), jnp.asarray(positions_BT), cache, keys[0])
   new = [[] for _ in prompts]
   done = np.zeros(len(prompts), bool)
   for t in range(sampling.max_new_tokens):
@@ -124,17 +124,8 @@ def _generate_batch(model, fns, state, prompts, sampling, tokenizer, batch_size,
         done[i] = True
     if done.all() or t + 1 == sampling.max_new_tokens:
       break
-    tok_B, cache = step(state, tok_B, jnp.asarray(next_pos_B + t), cache, P + t, keys[t + 1])
+    tok_B, cache = step(state, tok_B, jnp.asarray(next_pos_B + t), cache, T + t, keys[t + 1])
   return new
-
-
-def generate_text(model: Decoder, tokenizer, prompts: list[str], sampling: Sampling = Sampling(), *,
-                  batch_size: int = 8, progress=None) -> list[str]:
-  """Text in, text out: prompts are encoded as they are (no BOS added), outputs are cut at the first stop
-  string and lose their special tokens."""
-  ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-  outs = generate(model, ids, sampling, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
-  return [decode_until_stop(tokenizer, o, sampling.stop_strings) for o in outs]
 
 
 def decode_until_stop(tokenizer, ids, stop_strings=()) -> str:

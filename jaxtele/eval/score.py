@@ -1,6 +1,6 @@
 """Log-likelihood of chosen tokens of many short sequences (answers, options), batched with right padding.
 
-Legend: B batch, T padded length, V vocab, D hidden, K candidate next tokens.
+Shape letters (jaxtele/models/__init__.py): B batch, T padded length, V vocab, D hidden, A candidate next tokens.
 """
 
 import jax
@@ -64,12 +64,12 @@ def sequence_scores(model: Decoder, seqs, weights, batch_size: int = 8, progress
 
 
 @nnx.jit
-def _next_logprobs(model: Decoder, tokens_BT, segment_ids_BT, last_B, candidates_BK):
+def _next_logprobs(model: Decoder, tokens_BT, segment_ids_BT, last_B, candidates_BA):
   positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
   x_BTD = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT)
   x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)  # only the last position reaches the head
   logp_BV = jax.nn.log_softmax(model.logits(x_B1D)[:, 0].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp_BV, candidates_BK, axis=1)
+  return jnp.take_along_axis(logp_BV, candidates_BA, axis=1)
 
 
 def next_token_logprobs(model: Decoder, seqs, candidates, batch_size: int = 8, progress=None) -> list[np.ndarray]:

@@ -2,7 +2,7 @@
 paired bootstrap for corpus-level ratios (loss, bits per byte, mean F1). Two separate intervals overlap long before
 a paired test stops resolving a difference, so models are compared only this way.
 
-Legend: R bootstrap replicates, N units (items or documents).
+Shape letters (jaxtele/models/__init__.py): Z bootstrap replicates, U units (items or documents).
 """
 
 import numpy as np
@@ -27,7 +27,7 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 def paired_bootstrap(num_a, den_a, num_b, den_b, transform=None, samples: int = 2000, seed: int = 0,
                      level: float = LEVEL, chunk: int = 250) -> dict:
-  """Difference f(sum num_a / sum den_a) - f(sum num_b / sum den_b) of two corpus-level ratios over the same N
+  """Difference f(sum num_a / sum den_a) - f(sum num_b / sum den_b) of two corpus-level ratios over the same U
   units, with a percentile interval from resampling units (the same draw for both models: the pairing).
 
   The units are documents for loss (num nll, den tokens) and bits per byte (num nll/ln 2, den bytes), items for
@@ -44,8 +44,8 @@ def paired_bootstrap(num_a, den_a, num_b, den_b, transform=None, samples: int = 
     counts_RxN = rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, samples - start)).astype(np.float64)
     na, da, nb, db = (counts_RxN @ x for x in arrays)
     reps.append(f(na / da) - f(nb / db))
-  reps_R = np.concatenate(reps)
-  lo, hi = np.quantile(reps_R, [(1 - level) / 2, (1 + level) / 2])
+  reps_Z = np.concatenate(reps)
+  lo, hi = np.quantile(reps_Z, [(1 - level) / 2, (1 + level) / 2])
   return {"diff": diff, "ci": [float(lo), float(hi)], "level": level, "units": n, "samples": samples,
           "distinguishable": bool(lo > 0 or hi < 0)}
 

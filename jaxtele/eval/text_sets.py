@@ -4,17 +4,16 @@ raw 3GPP Markdown (`{type: 3gpp, path, eval_fraction, holdout, heldout_specs, he
 clauses `python -m jaxtele.data prepare` puts in its `eval` split (holdout: clause) or `eval_spec` split (holdout:
 spec) given the same fractions and specs."""
 
-import collections
 import copy
 import re
 
 from jaxtele.data import pipeline, threegpp
 from jaxtele.data.prepare import Holdout
-from jaxtele.data.sources import make_source
+from jaxtele.data.sources import Records, make_source
 from jaxtele.errors import JaxteleError
 
 
-class HeldOutClauses:
+class HeldOutClauses(Records):
   """Clause documents of a folder of 3GPP specs in the eval split (or the train split), by the rule of
   `prepare.Holdout`: holdout `clause` = held-out clauses of the specs not held out, `spec` = held-out specs."""
 
@@ -27,22 +26,14 @@ class HeldOutClauses:
     rule = Holdout(eval_fraction, heldout_specs, heldout_spec_fraction)
     if holdout == "spec" and not rule.by_spec:
       raise JaxteleError(f"{path}: holdout 'spec' needs heldout_specs or heldout_spec_fraction")
+    super().__init__()
     clauses = threegpp.read_specs(path)
     rule.check_named([c.id for c in clauses], path)
     want = "train" if split == "train" else {"clause": "eval", "spec": "eval_spec"}[holdout]
-    self.records = [{"id": c.id, "text": c.text} for c in clauses if rule.split(c.id) == want]
-    if limit:
-      self.records = self.records[:limit]
-    self.stats = collections.Counter()
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, i):
-    return self.records[i]
+    self.records = [{"id": c.id, "text": c.text} for c in clauses if rule.split(c.id) == want][:limit or None]
 
 
-class WikiTextArticles:
+class WikiTextArticles(Records):
   """WikiText raw text cut into its articles (a ` = Title = ` line opens one), so a set has documents to
   pair and sample; the articles joined give the file back."""
 
@@ -56,19 +47,12 @@ class WikiTextArticles:
       raise JaxteleError(f"{path}: cannot read the WikiText file ({e.strerror})") from None
     starts = [i for i, line in enumerate(lines) if self.TITLE.match(line)] or [0]
     starts[0] = 0  # text before the first title belongs to the first article
-    self.records = []
+    super().__init__()
     for a, b in zip(starts, starts[1:] + [len(lines)]):
       m = self.TITLE.match(lines[a])
       text = "".join(lines[a:b])
       if text.strip():
         self.records.append({"id": m.group(1).strip() if m else f"article {len(self.records)}", "text": text})
-    self.stats = collections.Counter()
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, i):
-    return self.records[i]
 
 
 def open_source(spec: dict, where: str):

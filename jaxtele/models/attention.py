@@ -8,7 +8,7 @@ segment, never onto padding (segment 0); outputs at padding positions are unspec
 Soft-capping (Gemma 2: scores -> tanh(scores / cap) * cap before masking) only `xla` implements; the fused
 kernels refuse it, and `auto` picks `xla` for it. Under a mesh context (`jax.set_mesh`) the fused kernels run
 per device under `shard_map` (kernels/sharded.py).
-Legend: B batch, T query length, S key length, N query heads, K kv heads, G groups N//K, H head dim.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import functools
@@ -47,10 +47,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def apply_rope(x_BTNH, positions_BT, inv_freq_F):
+def apply_rope(x_BTNH, positions_BT, inv_freq_E):
   """Rotate-half RoPE (HF layout: the two halves of each head are the pair members)."""
-  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
-  angles_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+  angles_BTE = positions_BT[..., None].astype(jnp.float32) * inv_freq_E
+  angles_BTH = jnp.concatenate([angles_BTE, angles_BTE], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(angles_BTH), jnp.sin(angles_BTH)
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -72,14 +72,15 @@ def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, back
                       softcap=None) -> str:
   """The implementation that runs for `impl` on this backend ("xla", "cudnn" or "pallas"), for logs.
 
-  Explicit requests the backend cannot honour are refused in one line rather than silently replaced.
+  Explicit requests the backend cannot honour are refused in one line rather than silently replaced; the
+  message names no config key (the build layer adds it).
   """
   if impl not in ATTENTION_IMPLS:
-    raise JaxteleError(f"model.attention: unknown implementation {impl!r} (choose from {', '.join(ATTENTION_IMPLS)})")
+    raise JaxteleError(f"unknown attention implementation {impl!r} (choose from {', '.join(ATTENTION_IMPLS)})")
   backend = backend or jax.default_backend()
   cudnn_ok = jnp.dtype(dtype).name in cudnn.DTYPES and head_dim % 8 == 0 and head_dim <= (cudnn.max_head_dim() if backend == "gpu" else 128)
   if softcap and impl in ("cudnn", "pallas"):
-    raise JaxteleError(f"model.attention={impl}: the kernel has no attention-logit soft-capping "
+    raise JaxteleError(f"{impl}: the kernel has no attention-logit soft-capping "
                        f"(softcap={softcap}); use xla or auto")
   if impl == "auto":  # the README's table "Which attention `auto` runs"
     if softcap:
@@ -91,12 +92,12 @@ def resolve_attention(impl: str, dtype, head_dim: int, sliding_window=None, back
     return "pallas" if backend == "tpu" else "xla"
   if impl == "cudnn":
     if backend != "gpu":
-      raise JaxteleError(f"model.attention=cudnn needs a CUDA GPU, but the JAX backend is {backend!r}")
+      raise JaxteleError(f"cudnn needs a CUDA GPU, but the JAX backend is {backend!r}")
     if not cudnn_ok:
-      raise JaxteleError(f"model.attention=cudnn needs bf16/fp16 and a head dim multiple of 8 up to "
+      raise JaxteleError(f"cudnn needs bf16/fp16 and a head dim multiple of 8 up to "
                          f"{cudnn.max_head_dim()}; got {jnp.dtype(dtype).name}, head_dim={head_dim}")
   if impl == "pallas" and backend == "gpu" and sliding_window:
-    raise JaxteleError("model.attention=pallas: the GPU Pallas kernel has no sliding window; use cudnn or xla")
+    raise JaxteleError("pallas: the GPU Pallas kernel has no sliding window; use cudnn or xla")
   return impl
 
 

@@ -8,17 +8,15 @@ import dataclasses
 from typing import Any
 
 from jaxtele.errors import JaxteleError
+from jaxtele.models.layers import ACTIVATIONS
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text")
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                  "gemma3_text": "Gemma3ForCausalLM"}
 ROPE_TYPES = ("default", "llama3", "linear")
-# What a remat'd layer keeps for the backward pass (models/decoder.py REMAT): none = no remat.
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ sandwich norms, q/k norms, the attention scale and soft-capping of attention and
 Module names follow Hugging Face: `embed_tokens`, `layers.{i}.self_attn.q_proj`, `self_attn.q_norm`,
 `mlp.gate_proj`, `input_layernorm`, `post_attention_layernorm`, `pre_feedforward_layernorm`,
 `post_feedforward_layernorm`, `norm`, `lm_head`.
-Legend: B batch, T length, D model dim, N query heads, K kv heads, H head dim, V vocab.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import math
@@ -20,29 +20,28 @@ from jaxtele.errors import JaxteleError
 from jaxtele.models import adapters, scan
 from jaxtele.models.attention import apply_rope, attention, cached_attention, rope_inv_freq
 from jaxtele.models.config import ModelConfig
-from jaxtele.models.layers import Embed, Linear, RMSNorm
+from jaxtele.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
+
+
+# What a rematerialised layer keeps for the backward pass. none: everything (no remat); full: nothing but the
+# layer input; dots_saveable: every matmul output; dots_with_no_batch_dims_saveable: the weight matmuls
+# (projections), not attention's batched ones; offload_dots: those projections, kept in pinned host memory
+# instead of HBM (GPU/TPU only: config.validate refuses it elsewhere, before any trace).
+_CP = jax.checkpoint_policies
+REMAT = {"none": None, "full": None, "dots_saveable": _CP.dots_saveable,
+         "dots_with_no_batch_dims_saveable": _CP.dots_with_no_batch_dims_saveable,
+         "offload_dots": _CP.offload_dot_with_no_batch_dims("device", "pinned_host")}
+REMAT_POLICIES = tuple(REMAT)
+HOST_OFFLOAD_REMAT = ("offload_dots",)  # the policies that need a GPU or TPU
 
 
 def remat(layer_call, policy: str):
-  """A layer's forward under a rematerialisation policy: what it keeps for the backward pass.
-
-  none: everything (no remat); full: nothing but the layer input; dots_saveable: every matmul output;
-  dots_with_no_batch_dims_saveable: the weight matmuls (projections), not attention's batched ones;
-  offload_dots: those projections, kept in pinned host memory instead of HBM (GPU/TPU).
-  """
+  """A layer's forward under a rematerialisation policy (a name of `REMAT`)."""
+  if policy not in REMAT:
+    raise JaxteleError(f"unknown remat policy {policy!r} (choose from {', '.join(REMAT_POLICIES)})")
   if policy == "none":
     return layer_call
-  cp = jax.checkpoint_policies
-  policies = {"full": None, "dots_saveable": cp.dots_saveable,
-              "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable}
-  if policy == "offload_dots":
-    if jax.devices()[0].platform not in ("gpu", "tpu"):
-      raise JaxteleError(f"model.remat: offload_dots needs a GPU or TPU (host offload), not {jax.devices()[0].platform}")
-    return nnx.remat(layer_call, policy=cp.offload_dot_with_no_batch_dims("device", "pinned_host"))
-  if policy not in policies:
-    raise JaxteleError(f"model.remat: unknown policy {policy!r} (choose from none, full, {', '.join(list(policies)[1:])}, "
-                       "offload_dots)")
-  return nnx.remat(layer_call, policy=policies[policy])
+  return nnx.remat(layer_call, policy=REMAT[policy])
 
 
 def norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
@@ -107,9 +106,6 @@ class Attention(nnx.Module):
     out_BTNH = cached_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), positions_BT,
                                 k_pos_BS, sliding_window=self.sliding_window, softcap=self.softcap)
     return self.o_proj(out_BTNH.reshape(B, T, N * H)), {"k": k_BSKH, "v": v_BSKH}
-
-
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
@@ -186,8 +182,8 @@ class Decoder(nnx.Module):
     """The effective output matrix [D, V] in compute dtype: tied embedding, lm_head, or lm_head with its active
     adapter merged. Logits are h @ it only without final soft-capping, which the chunked loss does not apply."""
     if self.config.final_softcap:
-      raise JaxteleError(f"train.loss=chunked: {self.config.model_type} soft-caps its final logits "
-                         f"(final_logit_softcapping={self.config.final_softcap}); use train.loss=plain")
+      raise JaxteleError(f"{self.config.model_type} soft-caps its final logits (final_logit_softcapping="
+                         f"{self.config.final_softcap}): they are not h @ the output matrix")
     if self.lm_head is None:
       return self.embed_tokens.embedding[...].astype(self.config.dtype).T
     head = self.lm_head

@@ -9,6 +9,9 @@ from flax import nnx
 
 from jaxtele.models import adapters
 
+# The gated MLP's activation by its HF `hidden_act` name: SwiGLU (Llama, Qwen) and GeGLU (Gemma).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
 
 def normal_init(key, shape, dtype, std=0.02):
   return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)

@@ -14,7 +14,7 @@ residual gets its initial top-R part back first). Methods, with weights w_i:
           election and disjoint mean.
 ties and dare give a dense delta: folded into the kernels, or written as a plain LoRA of rank `rank` (truncated
 SVD). A merge that is the identity (one adapter at weight 1, nothing trimmed or dropped) returns that adapter
-unchanged, whatever its variant. Legend: N adapters, I in features, O out features, R rank.
+unchanged, whatever its variant. Shape letters: jaxtele/models/__init__.py.
 """
 
 import copy
@@ -30,7 +30,7 @@ from jaxtele.models.lora import attach, check_name, linears
 METHODS = ("linear", "ties", "dare", "dare_ties")
 
 
-# --- The published definitions, on stacked task tensors [N, ...] (numpy). ---
+# --- The published definitions, on stacked task tensors [M, ...] (numpy). ---
 
 def trim(t, density: float):
   """Keep the int(density * size) entries of largest magnitude, zero the rest (density >= 1: all)."""
@@ -42,21 +42,21 @@ def trim(t, density: float):
   return np.where(keep.reshape(t.shape), t, 0)
 
 
-def elect_sign(stack_N):
+def elect_sign(stack_M):
   """+1 / -1 per entry: the sign of the summed mass (ties count as +1, as peft does)."""
-  return np.where(stack_N.sum(0) >= 0, 1.0, -1.0)
+  return np.where(stack_M.sum(0) >= 0, 1.0, -1.0)
 
 
-def disjoint_mean(weighted_N, agree_N):
+def disjoint_mean(weighted_M, agree_M):
   """Mean over the tensors whose entry agrees with the elected sign (0 where none does)."""
-  return (weighted_N * agree_N).sum(0) / np.maximum(agree_N.sum(0), 1)
+  return (weighted_M * agree_M).sum(0) / np.maximum(agree_M.sum(0), 1)
 
 
 def ties(deltas, weights, density: float):
-  trimmed_N = np.stack([trim(np.asarray(d), density) for d in deltas])
-  agree_N = np.sign(trimmed_N) == elect_sign(trimmed_N)
-  w_N = np.asarray(weights, trimmed_N.dtype).reshape((-1,) + (1,) * (trimmed_N.ndim - 1))
-  return disjoint_mean(trimmed_N * w_N, agree_N)
+  trimmed_M = np.stack([trim(np.asarray(d), density) for d in deltas])
+  agree_M = np.sign(trimmed_M) == elect_sign(trimmed_M)
+  w_M = np.asarray(weights, trimmed_M.dtype).reshape((-1,) + (1,) * (trimmed_M.ndim - 1))
+  return disjoint_mean(trimmed_M * w_M, agree_M)
 
 
 def dare_drop(t, drop: float, rng):
@@ -157,14 +157,14 @@ def merged_deltas(model, names, weights, method: str, *, density: float = 1.0, d
   out = {}
   for i, (path, lin) in enumerate(sorted((p, m) for p, m in linears(model).items()
                                          if any(n in m.adapters for n in names))):
-    d_N = [task_vector(lin, lin.adapters[n]) if n in lin.adapters else np.zeros(lin.shape, np.float32)
+    d_M = [task_vector(lin, lin.adapters[n]) if n in lin.adapters else np.zeros(lin.shape, np.float32)
            for n in names]
     if method == "linear":
-      out[path] = linear(d_N, weights)
+      out[path] = linear(d_M, weights)
     elif method == "ties":
-      out[path] = ties(d_N, weights, density)
+      out[path] = ties(d_M, weights, density)
     else:  # one stream per layer: the drop masks do not depend on which other layers exist
-      out[path] = dare(d_N, weights, drop, seed=seed * 1_000_003 + i, then_ties=method == "dare_ties")
+      out[path] = dare(d_M, weights, drop, seed=seed * 1_000_003 + i, then_ties=method == "dare_ties")
   return out
 
 

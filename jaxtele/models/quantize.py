@@ -4,7 +4,7 @@ A kernel [I, O] is cut into blocks of 64 consecutive input rows per output colum
 to a multiple of 64); each block stores its absmax and a 4-bit index into the NF4 code book per weight, two
 per byte. With double quantization the fp32 absmaxes are themselves stored as int8 in blocks of 256
 (minus their mean, one fp32 scale per block): 0.5 + 4/64 = 0.5625 bytes per weight becomes ~0.516.
-Legend: I in features, O out features, P padded I, Q = P/64 blocks.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import statistics
@@ -38,15 +38,15 @@ class Quantized(nnx.Variable):
 
 
 def quantize_codes(w_IO):
-  """-> (codes uint8 [P/2, O], absmax fp32 [Q, O]) of a float kernel."""
+  """-> (codes uint8 [J/2, O], absmax fp32 [Q, O]) of a float kernel."""
   w = np.asarray(w_IO, np.float32)
   I, O = w.shape
-  P = -(-I // BLOCK) * BLOCK
-  w_QbO = np.pad(w, ((0, P - I), (0, 0))).reshape(P // BLOCK, BLOCK, O)
+  J = -(-I // BLOCK) * BLOCK
+  w_QbO = np.pad(w, ((0, J - I), (0, 0))).reshape(J // BLOCK, BLOCK, O)
   absmax_QO = np.abs(w_QbO).max(axis=1)
   scaled = w_QbO / np.where(absmax_QO == 0, 1, absmax_QO)[:, None, :]
   # Nearest code: midpoints between neighbouring code values are the decision boundaries.
-  idx = np.searchsorted((CODE_BOOK[1:] + CODE_BOOK[:-1]) / 2, scaled).astype(np.uint8).reshape(P, O)
+  idx = np.searchsorted((CODE_BOOK[1:] + CODE_BOOK[:-1]) / 2, scaled).astype(np.uint8).reshape(J, O)
   return (idx[0::2] << 4) | idx[1::2], absmax_QO.astype(np.float32)
 
 
@@ -82,10 +82,10 @@ class NF4Weight(nnx.Module):
   def dequantize(self, dtype=jnp.float32):
     I, O = self.shape
     codes = self.codes[...]
-    idx_PO = jnp.stack([codes >> 4, codes & 15], axis=1).reshape(-1, O)
-    vals_QbO = jnp.asarray(CODE_BOOK)[idx_PO].reshape(-1, BLOCK, O)
-    w_PO = (vals_QbO * self.absmax_QO()[:, None, :]).reshape(-1, O)
-    return w_PO[:I].astype(dtype)
+    idx_JO = jnp.stack([codes >> 4, codes & 15], axis=1).reshape(-1, O)
+    vals_QbO = jnp.asarray(CODE_BOOK)[idx_JO].reshape(-1, BLOCK, O)
+    w_JO = (vals_QbO * self.absmax_QO()[:, None, :]).reshape(-1, O)
+    return w_JO[:I].astype(dtype)
 
   def nbytes(self) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(self)))

@@ -13,7 +13,7 @@ kernels (cuDNN, Pallas, splash) take their window at trace time. Instead the sca
 `period` consecutive layers, the smallest period after which the layers repeat exactly (1 for Llama, 2 for
 Gemma 2, 6 for Gemma 3), unrolled inside the scan body; layers left over after the last whole group run
 unrolled after the scan. A stack without a repeating pattern (fewer than two groups) runs unrolled.
-Legend: B batch, T length, D model dim, L layers, P period.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import jax
@@ -40,7 +40,7 @@ def layer_period(layers) -> int:
 
 
 def scan_plan(layers) -> tuple[int, int]:
-  """-> (period P, groups G): layers [0, P*G) run as G scanned groups of P; G < 2 means run unrolled."""
+  """-> (period P, groups Y): layers [0, P*Y) run as Y scanned groups of P; Y < 2 means run unrolled."""
   p = layer_period(layers)
   return p, len(layers) // p
 
@@ -64,7 +64,7 @@ def run_layers(layers, block, x_BTD, *args, scan: bool = True):
   splits = [nnx.split(layer) for layer in layers[:p * n]]
   graphdefs = [graphdef for graphdef, _ in splits[:p]]
   stack = lambda *leaves: jnp.stack(leaves)
-  # stacked[j]: the states of layers j, P + j, 2P + j, ... with a leading [G] axis.
+  # stacked[j]: the states of layers j, P + j, 2P + j, ... with a leading [Y] axis.
   stacked = tuple(jax.tree.map(stack, *[splits[g * p + j][1] for g in range(n)]) for j in range(p))
 
   def group(carry, states):

@@ -9,7 +9,7 @@ is `local_window_size=(window - 1, 0)`, which the cuDNN branch maps to its left 
 Faster follow-up (Hopper+): cuDNN's packed THD layout (`q_offsets`/`kv_offsets` in
 `jax._src.cudnn.fused_attention_stablehlo`) skips the bias read and its gradient, but needs a static bound
 on documents per row from the data pipeline.
-Legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import functools

@@ -8,7 +8,7 @@ On CPU either runs with `interpret=True`, which is how the tests check them.
 
 Rows are padded to the kernels' block multiple with segment id 0: real queries never see those keys, and
 outputs at padding positions (segment 0) are unspecified but finite, as in every implementation.
-Legend: B batch, T query length, S key length, N query heads, K kv heads, G groups N//K, H head dim.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import functools
@@ -16,9 +16,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-KERNELS = ("triton", "splash")
-
 
 def padded_length(T: int, block: int = 128) -> int:
   """The row length the kernels run at: a power of two (>= 16) up to `block`, else a multiple of `block`."""

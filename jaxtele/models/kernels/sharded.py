@@ -16,7 +16,7 @@ The rule (`split`):
   k_proj/v_proj replicated over `tensor` in that case, so the repeat and the split are local slices;
 - a tensor axis that does not divide N leaves attention replicated over `tensor` (each tensor rank computes
   every head of its rows), as the sharding rules already replicate q_proj then.
-Legend: B batch, T query length, S key length, N query heads, K kv heads, H head dim.
+Shape letters: jaxtele/models/__init__.py.
 """
 
 import jax
