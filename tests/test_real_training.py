@@ -25,7 +25,7 @@ def test_lora_on_3gpp_clauses_lowers_their_loss(shared_data, tmp_path):
   cfg.data.update(seq_len=64, batch_size=8, packing="concat")  # half the tokens of 128: compute is most of it
   cfg.eval.sets = [{"name": "sdap", "sources": [{"type": "jsonl", "path": str(docs)}]}]
   cfg.eval.update(at_start=True, batch_size=8, max_batches=1)
-  cfg.train.update(mode="lora", steps=4, log_every=1)  # at seq 64 the train loss fell 4.92 -> 4.22 in 3 steps
+  cfg.train.update(mode="lora", steps=4, log_every=1)  # eval loss 4.69 -> 3.89 here (bar: 0.1)
   cfg.lora.update(rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj")
   cfg.optimizer.update(lr=2e-3, warmup_ratio=0.0, schedule="constant")
   cfg.mesh.update(data=-1, fsdp=1)
