@@ -7,6 +7,26 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache per test session, shared with every subprocess (train/export CLIs, the
+# two-process launches) through the environment: most of the suite's time is compiling the same tiny train and
+# eval steps again in each run. A fresh directory, so a session never reads another's entries or the user's
+# cache; no size or compile-time floor, since on CPU most of these programs compile in well under the 1 s default.
+XLA_CACHE = tempfile.mkdtemp(prefix="jaxtele-tests-xla-cache-")
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+import jax  # noqa: E402
+
+# The environment reaches subprocesses and a jax imported later; the config, this process's jax in any case.
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -256,6 +276,13 @@ def tiny_run(tmp_path_factory, synthetic_corpus):
     return done[name]
 
   return make
+
+
+@pytest.fixture(scope="session")
+def lora_export_run(tiny_run):
+  """A LoRA run (rank 4) with its trainer-side adapter and merged exports, shared by the read-only export tests."""
+  return tiny_run("lora_exports", "--config.train.mode=lora", "--config.lora.rank=4", "--config.export.adapter=True",
+                  "--config.export.merged=True")
 
 
 # --- Evaluation: SmolLM2 exported to an HF folder once, and `transformers` loaded from it (the reference). ---

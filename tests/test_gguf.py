@@ -182,12 +182,12 @@ def test_unsupported_architecture_and_quant_are_refused(tmp_path, make_hf_model,
   assert e.value.code == 2 and not os.path.exists(tmp_path / "out")
 
 
-def test_cli_exports_a_lora_run_merged(tiny_run, tmp_path, hf_logits):
+def test_cli_exports_a_lora_run_merged(lora_export_run, tmp_path, hf_logits):
   """`python -m jaxtele.export --format gguf` from a LoRA run directory: the GGUF transformers loads equals the
   run's merged HF export."""
   from jaxtele.export import main
 
-  run = tiny_run("lora_for_gguf", "--config.train.mode=lora", "--config.lora.rank=4", "--config.export.merged=True")
+  run = lora_export_run
   main(["--source", str(run), "--out", str(tmp_path / "g"), "--format", "gguf", "--quant", "f32"])
   assert sorted(os.listdir(tmp_path / "g")) == ["certificate.json", "model.gguf"]
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"), dtype=torch.float32)

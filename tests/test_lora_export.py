@@ -78,7 +78,7 @@ def test_trainer_exports_adapter_and_merged_model_that_peft_agrees_with(tmp_path
   assert np.abs(a - b).max() > 1e-4  # the trained adapter changed the model
 
 
-def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path, hf_logits, tiny):
+def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path, hf_logits, lora_export_run):
   """`python -m jaxtele.export --source RUN_DIR` rebuilds the run from its checkpoint: same tensors as
   the trainer's own exports, for a LoRA run on a base that is not an HF folder (the tiny random init)."""
   import subprocess
@@ -86,11 +86,7 @@ def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path, hf_
 
   from safetensors.numpy import load_file
 
-  from jaxtele.train import run
-
-  run(tiny("--config.train.mode=lora", "--config.lora.rank=4", "--config.export.adapter=True",
-           "--config.export.merged=True"))
-  runs = tmp_path / "run"
+  runs = lora_export_run  # read only: the session's shared LoRA run
   for fmt, out, reference in (("adapter", "cli_adapter", "adapter/adapter_model.safetensors"),
                               ("hf", "cli_merged", "merged/model.safetensors")):
     p = subprocess.run([sys.executable, "-m", "jaxtele.export", "--source", str(runs), "--out", str(tmp_path / out),
