@@ -165,7 +165,8 @@ RULES = {
     "train.mode": choice("full", "lora"), "train.steps": POSITIVE, "train.grad_accum": POSITIVE,
     "train.log_every": POSITIVE, "train.stop_at": NONNEG, "train.loss": choice(*LOSSES), "train.loss_chunk": POSITIVE,
     "lora.rank": POSITIVE, "lora.alpha": Rule(float, lo=0.0, lo_open=True), "lora.targets": STR, "lora.rslora": BOOL,
-    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES, "auto"), "lora.variant": choice(*VARIANTS),
+    "lora.extra_trainable": STR, "lora.base_dtype": choice(*DTYPES, "auto"),
+    "lora.variant": Rule(str, choices=VARIANTS.keys()),  # a live view: a variant registered later is a choice too
     "lora.dropout": Rule(float, lo=0.0, hi=1.0, hi_open=True), "lora.plus_ratio": Rule(float, lo=0.0),
     "lora.quantize_base": choice(*QUANTIZERS), "lora.double_quant": BOOL,
     "lora.train_embeddings": BOOL, "lora.train_head": BOOL, "lora.embedding_lr": Rule(float, lo=0.0),

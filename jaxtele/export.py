@@ -148,6 +148,7 @@ def load_adapter_source(source: str, base: str | None):
   """A PEFT adapter folder on its base -> (model with the adapter, tokenizer, lora info, base path)."""
   from jaxtele.convert import load_pretrained
   from jaxtele.convert.peft import load_adapter, read_config
+  from jaxtele.models.adapters import uses_rslora
 
   config = read_config(source)
   base = base or config.get("base_model_name_or_path") or ""
@@ -155,7 +156,7 @@ def load_adapter_source(source: str, base: str | None):
     raise JaxteleError(f"{source}: the adapter names no base model; pass --base")
   pre = load_pretrained(base)
   load_adapter(pre.model, source)
-  info = {"rslora": bool(config.get("use_rslora")), "modules_to_save": config["modules_to_save"]}
+  info = {"rslora": uses_rslora(config), "modules_to_save": config["modules_to_save"]}
   return pre.model, pre.tokenizer, info, base
 
 
