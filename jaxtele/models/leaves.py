@@ -74,11 +74,6 @@ def grad_group(path) -> str:
   return leaf.grad_group if leaf is not None and leaf.trains else "base"
 
 
-def grad_groups(slot: str) -> list[str]:
-  """Every gradient-norm group the leaves declared under `slot` can log, in declaration order."""
-  return list(dict.fromkeys(leaf.grad_group for leaf in _DECLARED.get(slot, {}).values() if leaf.trains))
-
-
 def peft_leaves(slot: str) -> dict[str, Leaf]:
   """{PEFT tensor suffix: Leaf} over every leaf declared under `slot`."""
   return {leaf.peft: leaf for leaf in _DECLARED.get(slot, {}).values() if leaf.peft}
