@@ -14,6 +14,7 @@ from jaxtele.accelerator import resolve_base_dtype, resolve_dtype
 from jaxtele.data.byte_tokenizer import byte_tokenizer
 from jaxtele.errors import JaxteleError
 from jaxtele.models.attention import resolve_attention
+from jaxtele.models.adapters import VARIANTS
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
 from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_pattern, merge_lora, quantize_base,
@@ -84,14 +85,16 @@ def build_model(cfg, weights: bool = True) -> Decoder:
     return merge_lora(load_adapter(model, adapter_dir)) if adapter_dir else model
   variant = lc.variant
   quantize = lambda: quant == "nf4" and quantize_base(model, double_quant=lc.double_quant)
-  if variant != "pissa":  # PiSSA takes its SVD of the float base and quantizes the residual, as PEFT advises
+  # A variant whose init reads the float base (PiSSA's SVD) quantizes the residual after it, as PEFT advises.
+  after = variant in VARIANTS and VARIANTS[variant].quantize_after_init
+  if not after:
     quantize()
   if adapter_dir:
     load_adapter(model, adapter_dir)
   else:
     add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora, variant=variant,
              dropout=lc.dropout)
-  if variant == "pissa":
+  if after:
     quantize()
   return model
 

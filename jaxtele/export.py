@@ -147,9 +147,10 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, v
 def adapter_info(folder: str) -> dict:
   """What re-exporting a PEFT adapter keeps: rsLoRA and the whole modules it trained."""
   from jaxtele.convert.peft import read_config
+  from jaxtele.models.adapters import uses_rslora
 
   config = read_config(folder)
-  return {"rslora": bool(config.get("use_rslora")), "modules_to_save": config["modules_to_save"]}
+  return {"rslora": uses_rslora(config), "modules_to_save": config["modules_to_save"]}
 
 
 def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, overwrite: bool = False,

@@ -5,8 +5,9 @@ The optimizer only ever sees the trainable leaves (the state is split by `models
 before it gets here), so frozen weights hold no moments at all and can't move: stronger than an
 optax partition with `set_to_zero`, and no zero gradients are materialised for them.
 
-LoRA+ (Hayou et al. 2024): `lora_b` leaves get `plus_ratio` times the learning rate of everything else, via
-an optax multi_transform over labels read from the leaf names (0 or 1 = off: the plain chain, same state).
+LoRA+ (Hayou et al. 2024): the leaves an adapter class declares `plus` (LoRA's B) get `plus_ratio` times the
+learning rate of everything else, via an optax multi_transform over labels read from those declarations
+(models/leaves.py; 0 or 1 = off: the plain chain, same state).
 A LoRA run training its embeddings / head can give them their own peak rate (`lora.embedding_lr`, as CPT
 recipes do): the same schedule shape scaled by embedding_lr / lr, a third label in the same multi_transform.
 """
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtele.errors import JaxteleError
+from jaxtele.models import leaves
 
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup", "wsd")
@@ -82,25 +84,27 @@ def decay_mask(params):
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def lora_plus_labels(params):
-  """'b' for LoRA B leaves, 'rest' for every other leaf."""
-  def label(path, _):
-    leaf = path[-1]
-    return "b" if getattr(leaf, "key", getattr(leaf, "name", None)) == "lora_b" else "rest"
+def _plus(path) -> bool:
+  declared = leaves.spec(path)
+  return declared is not None and declared.plus
 
-  return jax.tree_util.tree_map_with_path(label, params)
+
+def lora_plus_labels(params):
+  """'b' for the leaves declared to take LoRA+'s rate (LoRA's B), 'rest' for every other leaf."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: "b" if _plus(path) else "rest", params)
 
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 
 def group_labels(params, plus: bool, embed: bool):
-  """'embed' for base leaves of the embedding / head (when `embed`), 'b' for LoRA B (when `plus`), else 'rest'."""
+  """'embed' for base leaves of the embedding / head (when `embed`), 'b' for LoRA+'s leaves (when `plus`), else
+  'rest'."""
   def label(path, _):
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    if embed and names[0] in EMBEDDING_MODULES and "adapters" not in names:
+    if embed and names[0] in EMBEDDING_MODULES and leaves.spec(path) is None:
       return "embed"
-    return "b" if plus and names[-1] == "lora_b" else "rest"
+    return "b" if plus and _plus(path) else "rest"
 
   return jax.tree_util.tree_map_with_path(label, params)
 

@@ -3,7 +3,8 @@
 `PARAM_AXES` names the logical axes of every parameter by the end of its path (kernels are [in, out]);
 `LOGICAL_TO_MESH` is the one table that maps logical axes onto the mesh (`data`, `fsdp`, `tensor`).
 Rules match the end of the path, so they apply unchanged to the optimizer's moments (whose paths end with
-the parameter's). Adapter leaves take their axes from the kernel they sit beside (`models.adapters`).
+the parameter's). Leaves an adapter or the NF4 storage declares (`models.leaves`) take their axes from the
+kernel they sit beside.
 
 Loud by design: a parameter of rank >= 2 that no rule names is an error, and a mesh axis that cannot divide
 a dimension (for `heads` / `kv_heads`: the number of heads, so tensor parallelism splits whole heads) leaves
@@ -19,7 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtele.errors import JaxteleError
-from jaxtele.models.adapters import LEAF_AXES
+from jaxtele.models import leaves
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -79,14 +80,15 @@ def _rule(path: str):
 def logical_axes(path: str, ndim: int) -> tuple | None:
   """The logical axes of a leaf, or None if no rule names it."""
   axes = _rule(path)
-  if axes is None and path.rsplit("/", 1)[-1] in LEAF_AXES:
-    # An adapter leaf: find the kernel of the linear layer it belongs to, and map `in` / `out` onto its axes.
+  declared = leaves.spec(path) if axes is None else None
+  if declared is not None:
+    # A declared leaf: find the kernel of the linear layer it belongs to, and map `in` / `out` onto its axes.
     parts = path.split("/")[:-1]
     for i in range(len(parts), 0, -1):
       kernel = _rule("/".join(parts[:i]) + "/kernel")
       if kernel is not None:
         role = dict(zip(("in", "out"), kernel))
-        axes = tuple(role.get(a) if a else None for a in LEAF_AXES[path.rsplit("/", 1)[-1]])
+        axes = tuple(role.get(a) if a else None for a in declared.axes)
         break
   if axes is not None and len(axes) != ndim:
     raise JaxteleError(f"sharding: {path}: rank {ndim} but its rule names {len(axes)} axes {axes}")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtele.models import leaves
 from jaxtele.models.adapters import adapter_inputs
 from jaxtele.loss import chunked_sum_and_count, masked_sum_and_count, token_nll
 from jaxtele.sharding import path_str
@@ -35,15 +36,11 @@ def _loss_sums(model, batch, loss, chunk):
   return masked_sum_and_count(logits, batch["targets"], batch["loss_mask"])
 
 
-ADAPTER_GRAD_GROUPS = ("lora_a", "lora_b", "lora_magnitude")
-
-
 def grad_group(path: str) -> str:
-  """The gradient-norm group of a trainable leaf ("layers/0/.../lora_b" -> "lora_b"): one of the adapter
-  leaves, or "base" for trainable base weights (full FT, or extra modules). Logged as train/grad_norm/<group>;
-  diagnose counts each group's parameters with it."""
-  leaf = path.rsplit("/", 1)[-1]
-  return leaf if leaf in ADAPTER_GRAD_GROUPS else "base"
+  """The gradient-norm group of a trainable leaf: the group its adapter class declares for it (models/leaves.py;
+  LoRA's A and B, DoRA's magnitude each their own), or "base" for trainable base weights (full FT, or extra
+  modules). Logged as train/grad_norm/<group>; diagnose counts each group's parameters with it."""
+  return leaves.grad_group(path)
 
 
 def group_norms(grads) -> dict:

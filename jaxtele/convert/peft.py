@@ -1,11 +1,12 @@
 """Adapters in and out as PEFT adapters: `adapter_config.json` + `adapter_model.safetensors`.
 
-PEFT stores `lora_A.weight` [R, I] and `lora_B.weight` [O, R] (DoRA adds `lora_magnitude_vector` [O]) under
-the base module's name, the transposes of our `lora_a` [I, R] and `lora_b` [R, O]; scaling is alpha / R
-(alpha / sqrt(R) for rsLoRA). Each adapter class names its own tensors (models/adapters.py); this module
-maps module paths and the config. A PiSSA adapter is written as a plain LoRA of rank 2R against the
-ORIGINAL base (PEFT's `path_initial_model_for_weight_conversion`): r and lora_alpha double (alpha x sqrt 2
-for rsLoRA), so the scaling is unchanged.
+PEFT stores each adapter tensor under the base module's name, as the transpose of our leaf (PyTorch keeps
+[out, in]): LoRA's A [R, I] and B [O, R], DoRA's magnitude [O]; scaling is alpha / R (alpha / sqrt(R) for
+rsLoRA). Each adapter class declares its own tensors, config fields, PEFT rank and `from_peft`
+(models/adapters.py), and the class a folder loads as comes from that registry; this module maps module paths
+and the config. A PiSSA adapter is written as a plain LoRA of rank 2R against the ORIGINAL base (PEFT's
+`path_initial_model_for_weight_conversion`): r and lora_alpha double (alpha x sqrt 2 for rsLoRA), so the
+scaling is unchanged.
 
 Whole modules trained beside the adapters travel as PEFT's `modules_to_save` (`embed_tokens`, `lm_head`), as
 full HF tensors under the base module's name. On a tied base the embedding is the head: it is written once as
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxtele.errors import JaxteleError, read_json
-from jaxtele.models.adapters import VARIANTS, PissaAdapter
+from jaxtele.models.adapters import RSLORA, peft_class, peft_leaves, scaling, uses_rslora
 from jaxtele.models.lora import DEFAULT, EMBED, HEAD, attach, linears, lora_paths, module_name
 
 PREFIX = "base_model.model."
@@ -88,12 +89,10 @@ def save_adapter(model, folder: str, *, name: str = DEFAULT, rslora: bool = Fals
   if len(kinds) > 1:
     raise JaxteleError(f"adapter {name!r}: its layers differ in variant, rank or scale; PEFT needs one of each")
   first = next(iter(found.values()))
-  rank = first.rank * (2 if isinstance(first, PissaAdapter) else 1)
-  alpha = first.scale * (rank**0.5 if rslora else rank)
   config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.peft_rank, "lora_alpha": first.peft_alpha(rslora),
       "target_modules": target_modules(model, list(found)), "lora_dropout": first.dropout, "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": rslora, "inference_mode": True,
+      "fan_in_fan_out": False, RSLORA: rslora, "inference_mode": True,
       "base_model_name_or_path": base_model, "modules_to_save": list(modules_to_save) or None, **first.peft_config(),
   }
   if modules_to_save and model.lm_head is None:
@@ -134,6 +133,8 @@ def read_tensors(folder: str) -> dict[str, dict[str, np.ndarray]]:
   path = os.path.join(folder, WEIGHTS)
   if not os.path.exists(path):
     raise JaxteleError(f"{path}: missing (only safetensors adapters are read)")
+  # PEFT writes a vector's tensor with or without a `.weight` ending (DoRA's magnitude, by version).
+  suffixes = {s: s for s in peft_leaves()} | {s + ".weight": s for s in peft_leaves() if not s.endswith(".weight")}
   out = {}
   with safe_open(path, framework="numpy") as f:
     for key in f.keys():
@@ -143,10 +144,10 @@ def read_tensors(folder: str) -> dict[str, dict[str, np.ndarray]]:
         raise JaxteleError(f"{path}: tensor {key!r} does not start with {PREFIX!r}")
       rest = key[len(PREFIX):]
       rest = rest[len("model."):] if rest.startswith("model.") else rest
-      for suffix in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight", "lora_magnitude_vector"):
+      for suffix, name in suffixes.items():
         if rest.endswith("." + suffix):
           module = rest[:-len(suffix) - 1]
-          out.setdefault(module, {})[suffix.replace("_vector.weight", "_vector")] = f.get_tensor(key)
+          out.setdefault(module, {})[name] = f.get_tensor(key)
           break
       else:
         raise JaxteleError(f"{path}: tensor {key!r} is not a LoRA/DoRA tensor")
@@ -192,17 +193,20 @@ def set_modules(model, tensors: dict, listed, where: str):
     kernel.set_value(np.asarray(x, np.float32).T.astype(kernel.dtype))
 
 
-def check_shapes(tensors: dict, lin, rank: int, where: str, module: str):
+def check_shapes(tensors: dict, lin, rank: int, where: str, module: str, cls):
+  """Every tensor has the shape its declared leaf takes on this base at `rank`, and `cls` finds all of its own."""
   d_in, d_out = lin.shape
-  want = {"lora_A.weight": (rank, d_in), "lora_B.weight": (d_out, rank), "lora_magnitude_vector": (d_out,)}
+  declared = peft_leaves()
   for suffix, x in tensors.items():
-    if tuple(x.shape) != want[suffix]:
+    want = declared[suffix].peft_shape(d_in, d_out, rank)
+    if tuple(x.shape) != want:
       key = f"{PREFIX}{'' if module.startswith('lm_head') else 'model.'}{module}.{suffix}"
       raise JaxteleError(f"{where}: tensor {key} has shape {list(x.shape)}, this base needs "
-                         f"{list(want[suffix])} (an adapter for another base, or r={rank} differs)")
-  missing = {"lora_A.weight", "lora_B.weight"} - set(tensors)
+                         f"{list(want)} (an adapter for another base, or r={rank} differs)")
+  missing = [leaf.peft for leaf in cls.LEAVES if leaf.peft and leaf.peft not in tensors]
   if missing:
-    raise JaxteleError(f"{where}: module {module} lacks {sorted(missing)[0]}")
+    raise JaxteleError(f"{where}: module {module} lacks {missing[0]} (a {cls.variant} adapter, by its "
+                       f"adapter_config.json)")
 
 
 def load_adapter(model, adapter_dir: str, name: str = DEFAULT):
@@ -212,15 +216,13 @@ def load_adapter(model, adapter_dir: str, name: str = DEFAULT):
   config = read_config(adapter_dir)
   where = os.path.join(adapter_dir, WEIGHTS)
   rank, alpha = int(config["r"]), float(config["lora_alpha"])
-  scale = alpha / (rank**0.5 if config.get("use_rslora") else rank)
-  cls = VARIANTS["dora" if config.get("use_dora") else "lora"]
+  scale = scaling(rank, alpha, uses_rslora(config))
+  cls = peft_class(config, os.path.join(adapter_dir, CONFIG))
   mods = {module_name(p): m for p, m in linears(model).items()}
   for module, tensors in read_tensors(adapter_dir).items():
     if module not in mods:
       raise JaxteleError(f"{where}: module {module!r} is not a linear layer of this base")
-    check_shapes(tensors, mods[module], rank, where, module)
-    if config.get("use_dora") and "lora_magnitude_vector" not in tensors:
-      raise JaxteleError(f"{where}: use_dora is set but module {module} has no lora_magnitude_vector")
+    check_shapes(tensors, mods[module], rank, where, module, cls)
     adapter = cls.from_peft({k: np.asarray(v, np.float32) for k, v in tensors.items()}, mods[module], scale=scale,
                             dropout=float(config.get("lora_dropout") or 0.0))
     attach(mods[module], name, adapter)

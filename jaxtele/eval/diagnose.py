@@ -12,13 +12,14 @@ and prints a table. Per layer and module (q_proj ... down_proj):
 - the update-to-weight ratio ||dW|| / ||W0|| per module type at every checkpoint of the run;
 - rho, the share of the full-weight gradient's energy a LoRA adapter can reach at its current A and B, on
   one held-out batch (the run's first eval set; see reach.py for the derivation in our [in, out] layout);
-- effective rank next to the most an update can have (LoRA: the rank, 2x for PiSSA; full: min(in, out)).
-The tuned W of a LoRA run is the adapter's merged kernel over the layer's `base_kernel`, in fp32 (a bf16 base
-is upcast first, so rounding does not pose as a full-rank update; an NF4 base is dequantized, so its
+- effective rank next to the most an update can have (as the adapter class says: LoRA the rank, PiSSA 2x,
+  DoRA min(in, out); full: min(in, out)).
+The tuned W of a LoRA run is the layer's `effective_kernel`: its adapter merged over `base_kernel`, in fp32 (a
+bf16 base is upcast first, so rounding does not pose as a full-rank update; an NF4 base is dequantized, so its
 quantization error does not either). Gradient norms come from metrics.jsonl: every train/grad_norm* key the
-run logged, with each group's parameter count (`step.grad_group`), so norms of different parameter sets can
-be compared per parameter. Shapes: kernel_IO [in, out]. JAX is imported only to load a run, so
-`read_metrics` and the maths stay light.
+run logged, with each group's parameter count (the group each leaf declares, `step.grad_group`), so norms of
+different parameter sets can be compared per parameter. Shapes: kernel_IO [in, out]. JAX is imported only to
+load a run, so `read_metrics` and the maths stay light.
 """
 
 import argparse
@@ -188,7 +189,7 @@ def tuned_and_base(cfg, model, base_src: str | None = None):
   if cfg.train.mode == "lora":
     adapters = {p: reach.active_adapter(lin) for p, lin in reach.layer_linears(model).items()}
     pairs = {p: w for p, w in pairs.items() if adapters[p] is not None}
-    max_rank = {p: _max_rank(adapters[p], pairs[p][0].shape) for p in pairs}
+    max_rank = {p: adapters[p].max_update_rank(pairs[p][0].shape) for p in pairs}
     base = {p: w0 for p, (w0, _) in pairs.items()}
   else:  # full FT: the pretrained source, or the same seeded random init the run started from
     max_rank, base = None, None
@@ -199,14 +200,6 @@ def tuned_and_base(cfg, model, base_src: str | None = None):
   elif base is None:
     base = {p: w for p, (w, _) in reach.kernels(build.build_model(cfg)).items()}
   return tuned, base, max_rank
-
-
-def _max_rank(adapter, shape) -> int:
-  """The most rank the adapter's update W - W0 can have: R; 2R for PiSSA (s (A B - A0 B0)); DoRA rescales
-  every output column of W, so any rank up to min(in, out)."""
-  if hasattr(adapter, "lora_magnitude"):
-    return min(shape)
-  return min(min(shape), adapter.rank * (2 if hasattr(adapter, "initial_delta") else 1))
 
 
 def update_ratios(run_dir: str, graphdef, params, frozen, base: dict) -> dict:

@@ -1,5 +1,6 @@
 """How much of the full-weight gradient a LoRA adapter can follow at its current A and B, and the kernels a run's
-checkpoints hold (base and effective, through `Linear.base_kernel`, so an NF4 base reads like a float one).
+checkpoints hold (base and effective, through `Linear.base_kernel` / `Linear.effective_kernel`, so an NF4 base
+reads like a float one).
 
 Layout: kernels are [in, out] (HF's weight transposed), y = x @ W; the adapter adds s * A @ B with A [I, R],
 B [R, O]. One gradient step on A and B moves W, to first order, by s * (dA @ B + A @ dB), with dA = s G B^T
@@ -10,8 +11,9 @@ onto span(B^T) in the output space (acting on the right). The share of G's energ
   rho = (||P_A G||^2 + ||G P_B||^2 - ||P_A G P_B||^2) / ||G||^2,
 
 the same number as (||P_B G||^2 + ||G P_A||^2 - ||P_B G P_A||^2) / ||G||^2 in PyTorch's [out, in] layout,
-where W' = W + B A. B = 0 (the first step) leaves only P_A G: A's gradient s G B^T is zero. For DoRA only A and
-B are counted (the magnitude adds one scaling per output column). Legend: I in, O out, R rank.
+where W' = W + B A. B = 0 (the first step) leaves only P_A G: A's gradient s G B^T is zero. A and B are the factors
+the adapter class names (`factors()`): for DoRA only those are counted (the magnitude adds one scaling per output
+column). Legend: I in, O out, R rank.
 """
 
 import numpy as np
@@ -44,11 +46,17 @@ def layer_linears(model) -> dict:
   return {tuple(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and p and p[0] == "layers"}
 
 
-def active_adapter(lin):
-  live = [a for a in lin.adapters.values() if not a.merged]
+def active_name(lin):
+  """The adapter a layer's update is read from: its active one, else its only unmerged one (None: none)."""
+  live = [n for n, a in lin.adapters.items() if not a.merged]
   if lin.active is not None and lin.active in lin.adapters:
-    return lin.adapters[lin.active]
+    return lin.active
   return live[0] if len(live) == 1 else None
+
+
+def active_adapter(lin):
+  name = active_name(lin)
+  return None if name is None else lin.adapters[name]
 
 
 def kernels(model) -> dict:
@@ -61,14 +69,15 @@ def kernels(model) -> dict:
   out = {}
   for path, lin in layer_linears(model).items():
     w_IO = lin.base_kernel(jnp.float32)
-    adapter = active_adapter(lin)
-    if adapter is None:
+    name = active_name(lin)
+    if name is None:
       w = np.asarray(jax.device_get(w_IO), np.float32)
       out[path] = (w, w)
       continue
-    w0_IO = w_IO + adapter.initial_delta() if hasattr(adapter, "initial_delta") else w_IO
+    initial_IO = lin.adapters[name].initial_delta()
+    w0_IO = w_IO if initial_IO is None else w_IO + initial_IO
     out[path] = (np.asarray(jax.device_get(w0_IO), np.float32),
-                 np.asarray(jax.device_get(adapter.merged_kernel(w_IO)), np.float32))
+                 np.asarray(jax.device_get(lin.effective_kernel(jnp.float32, name)), np.float32))
   return out
 
 
@@ -80,7 +89,7 @@ def factors(model) -> dict:
   for path, lin in layer_linears(model).items():
     adapter = active_adapter(lin)
     if adapter is not None:
-      out[path] = tuple(np.asarray(jax.device_get(v[...]), np.float64) for v in (adapter.lora_a, adapter.lora_b))
+      out[path] = tuple(np.asarray(jax.device_get(x), np.float64) for x in adapter.factors())
   return out
 
 

@@ -186,11 +186,7 @@ class Decoder(nnx.Module):
                          f"{self.config.final_softcap}): they are not h @ the output matrix")
     if self.lm_head is None:
       return self.embed_tokens.embedding[...].astype(self.config.dtype).T
-    head = self.lm_head
-    adapter = head.adapters.get(head.active) if head.active is not None else None
-    if adapter is None or adapter.merged:
-      return head.base_kernel(head.dtype)
-    return adapter.merged_kernel(head.base_kernel(jnp.float32)).astype(head.dtype)
+    return self.lm_head.effective_kernel(self.lm_head.dtype)
 
   def logits(self, x_BTD):
     logits_BTV = self.embed_tokens.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)

@@ -41,6 +41,14 @@ class Linear(nnx.Module):
     w_IO = self.kernel[...] if self.quant is None else self.quant.dequantize(jnp.float32)
     return w_IO.astype(dtype or self.dtype)
 
+  def effective_kernel(self, dtype=None, name: str | None = None):
+    """The kernel [I, O] this layer applies with adapter `name` (default: the active one): its merged kernel
+    over `base_kernel`, computed in fp32; the base itself without one (or when it is already merged in)."""
+    adapter = self.adapters.get(name or self.active) if (name or self.active) is not None else None
+    if adapter is None or adapter.merged:
+      return self.base_kernel(dtype)
+    return adapter.merged_kernel(self.base_kernel(jnp.float32)).astype(dtype or self.dtype)
+
   def __call__(self, x_BTI):
     x_BTI = x_BTI.astype(self.dtype)
     base_BTO = x_BTI @ self.base_kernel(self.dtype)

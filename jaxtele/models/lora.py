@@ -1,9 +1,9 @@
 """LoRA as a tree rewrite: adapter modules beside the base kernels, one filter deciding what trains.
 
-`add_lora` attaches an adapter (models/adapters.py: lora / rslora scaling, dora, pissa) under a name to the
-targeted `Linear`s: `lora_a` [I, R] gets PEFT's Kaiming-uniform init, `lora_b` [R, O] zeros, so the adapted
-model starts equal to the base (PiSSA instead moves W's top-R singular directions into A, B). `trainable_filter`
-is the one rule used to split the state into what is differentiated, optimised and checkpointed, and what
+`add_lora` attaches an adapter (a registered variant of models/adapters.py: lora / rslora scaling, dora, pissa)
+under a name to the targeted `Linear`s, each initialised as its class says (LoRA: PEFT's Kaiming-uniform A and a
+zero B, so the adapted model starts equal to the base; PiSSA moves W's top-R singular directions into A, B).
+`trainable_filter` is the one rule used to split the state into what is differentiated, optimised and checkpointed, and what
 stays frozen. `merge_lora` / `unmerge_lora` fold adapters into the kernels and back (exactly);
 `quantize_base` stores the frozen kernels in NF4. Legend: I in features, O out features, R rank.
 """
@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from jaxtele.errors import JaxteleError
-from jaxtele.models.adapters import VARIANTS, DoraAdapter, PissaAdapter
+from jaxtele.models import leaves
+from jaxtele.models.adapters import SLOT, VARIANTS, scaling
 from jaxtele.models.decoder import Decoder
 from jaxtele.models.layers import Linear
 from jaxtele.models.quantize import NF4Weight
@@ -57,15 +58,7 @@ def target_paths(model: Decoder, targets) -> list[tuple]:
   return chosen
 
 
-def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
-  return alpha / (rank**0.5 if rslora else rank)
-
-
-def pissa_factors(w_IO, rank: int, scale: float):
-  """A [I, R], B [R, O] with s * A @ B = W's top-R part (PEFT: sqrt of the singular values / s on each side)."""
-  u_IK, s_K, vt_KO = np.linalg.svd(np.asarray(w_IO, np.float64), full_matrices=False)
-  root_R = np.sqrt(s_K[:rank] / scale)
-  return (u_IK[:, :rank] * root_R).astype(np.float32), (root_R[:, None] * vt_KO[:rank]).astype(np.float32)
+lora_scale = scaling
 
 
 def add_lora(model: Decoder, rank: int, alpha: float, targets=ALL_LINEAR, seed: int = 0, rslora: bool = False,
@@ -80,26 +73,11 @@ def add_lora(model: Decoder, rank: int, alpha: float, targets=ALL_LINEAR, seed: 
   paths = target_paths(model, targets)
   key = jax.random.key(seed)
   modules = linears(model)
-  scale = lora_scale(rank, alpha, rslora)
+  scale = scaling(rank, alpha, rslora)
   for i, path in enumerate(paths):
-    lin = modules[path]
-    d_in, d_out = lin.shape
-    if variant == "pissa":
-      if lin.quant is not None:
-        raise JaxteleError(f"{module_name(path)}: PiSSA needs a float base (quantize the residual after init)")
-      a, b = pissa_factors(lin.kernel[...], rank, scale)
-      adapter = PissaAdapter(a, b, scale=scale, dropout=dropout)
-      lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) - adapter.initial_delta()).astype(lin.kernel.dtype))
-    else:
-      bound = 1.0 / d_in**0.5
-      a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, rank), jnp.float32, -bound, bound)
-      b = jnp.zeros((rank, d_out), jnp.float32)
-      if variant == "dora":
-        adapter = DoraAdapter(a, b, DoraAdapter.column_norm(lin.base_kernel(jnp.float32), 0.0), scale=scale,
-                              dropout=dropout)
-      else:
-        adapter = VARIANTS[variant](a, b, scale=scale, dropout=dropout)
-    attach(lin, name, adapter)
+    adapter = VARIANTS[variant].initialise(modules[path], rank=rank, scale=scale, key=jax.random.fold_in(key, i),
+                                           dropout=dropout, where=module_name(path))
+    attach(modules[path], name, adapter)
   return paths
 
 
@@ -212,13 +190,14 @@ def unmerge_lora(model: Decoder) -> Decoder:
 
 
 def strip_adapters(model: Decoder) -> Decoder:
-  """The original base without adapters (a PiSSA residual gets its initial top-R part back), in place."""
+  """The original base without adapters, in place: merged ones unmerged, and what an adapter took over from W
+  at init given back (a PiSSA residual gets its top-R part back)."""
+  unmerge_lora(model)
   for lin in linears(model).values():
     for adapter in lin.adapters.values():
-      if adapter.merged:
-        lin.kernel = nnx.Param(adapter.unmerge(lin.kernel[...]))
-      if isinstance(adapter, PissaAdapter):
-        lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) + adapter.initial_delta()).astype(lin.kernel.dtype))
+      initial_IO = adapter.initial_delta()
+      if initial_IO is not None:
+        lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) + initial_IO).astype(lin.kernel.dtype))
     lin.adapters = nnx.Dict()
     lin.active = None
   return model
@@ -259,7 +238,7 @@ def check_extra(model, extra: str, key: str = "lora.extra_trainable"):
 
 
 def group_of(path: str) -> str:
-  if ".adapters." in f".{path}.":
+  if f".{SLOT}." in f".{path}.":
     return "adapters"
   if path.startswith(EMBED + "."):
     return "embeddings"
@@ -268,17 +247,14 @@ def group_of(path: str) -> str:
   return "norms" if any("norm" in part for part in path.split(".")) else "base"
 
 
-# Frozen bookkeeping that is no parameter of the model (PiSSA's initial factors, a pre-merge kernel, NF4 scales).
-NOT_PARAMS = ("lora_a0", "lora_b0", "premerge", "absmax", "absmax_q", "absmax_scale", "absmax_offset")
-
-
 def trainable_table(trainable: dict, frozen: dict, tied: bool = False) -> list[str]:
   """Lines of a table: parameters by group (adapters, embeddings, head, norms, base), trained and frozen."""
   counts = {g: [0, 0] for g in ("adapters", "embeddings", "head", "norms", "base")}
   for col, tree in ((0, trainable), (1, frozen)):
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
       names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-      if names[-1] not in NOT_PARAMS:
+      declared = leaves.spec(names)
+      if declared is None or declared.counts:  # frozen bookkeeping (a pre-merge kernel, NF4 scales) is no parameter
         counts[group_of(".".join(names))][col] += int(np.prod(x.shape))
   lines = [f"{'group':<11}{'trained':>14}{'frozen':>14}"]
   for g, (t, f) in counts.items():

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtele.errors import JaxteleError
-from jaxtele.models.adapters import DoraAdapter, Frozen, LoraAdapter, PissaAdapter
+from jaxtele.models.adapters import LoraAdapter
 from jaxtele.models.lora import attach, check_name, linears
 
 METHODS = ("linear", "ties", "dare", "dare_ties")
@@ -104,11 +104,15 @@ def is_identity(names, weights, method, density, drop) -> bool:
                                                    or (method in ("dare", "dare_ties") and drop == 0))
 
 
+def initial_part(lin):
+  """What an adapter of `lin` took over from the base W at init (a PiSSA top-R part), or None."""
+  return next((d for d in (a.initial_delta() for a in lin.adapters.values()) if d is not None), None)
+
+
 def original_kernel(lin):
   """The base W the adapters of `lin` change (a PiSSA residual plus its initial part), fp32."""
-  w_IO = lin.base_kernel(jnp.float32)
-  pissa = [a for a in lin.adapters.values() if isinstance(a, PissaAdapter)]
-  return w_IO + pissa[0].initial_delta() if pissa else w_IO
+  w_IO, initial_IO = lin.base_kernel(jnp.float32), initial_part(lin)
+  return w_IO if initial_IO is None else w_IO + initial_IO
 
 
 def task_vector(lin, adapter):
@@ -131,9 +135,11 @@ def merge_adapters(model, names, weights, method: str = "linear", *, density: fl
     return out
   if method == "linear":
     return _linear_adapter(mods, names, weights, out)
-  if any(isinstance(a, PissaAdapter) for lin in mods.values() for a in lin.adapters.values()):
-    raise JaxteleError(f"--method {method}: PiSSA adapters merge by {method} into a model (--format hf), "
-                       "not into an adapter")
+  reparametrized = next((a for lin in mods.values() for a in lin.adapters.values() if a.initial_delta() is not None),
+                        None)
+  if reparametrized is not None:  # its base is a residual: a plain adapter of the delta would sit on the wrong W
+    raise JaxteleError(f"--method {method}: {reparametrized.variant} adapters merge by {method} into a model "
+                       "(--format hf), not into an adapter")
   deltas = merged_deltas(model, names, weights, method, density=density, drop=drop, seed=seed)
   total = rank or sum(source_ranks(mods, names).values())
   for path, d_IO in deltas.items():
@@ -176,7 +182,7 @@ def fold_merge(model, names, weights, method: str = "linear", **kw):
   for path, lin in linears(model).items():
     if path in deltas:
       lin.kernel = nnx.Param((original_kernel(lin) + deltas[path]).astype(jnp.float32))
-    elif any(isinstance(a, PissaAdapter) for a in lin.adapters.values()):
+    elif initial_part(lin) is not None:
       lin.kernel = nnx.Param(original_kernel(lin))
     lin.adapters = nnx.Dict()
     lin.active = None
@@ -184,41 +190,16 @@ def fold_merge(model, names, weights, method: str = "linear", **kw):
 
 
 def _linear_adapter(mods, names, weights, out: str):
-  """The exact linear merge as one adapter (see the module docstring); one rank and scale on every layer."""
+  """The exact linear merge as one adapter (see the module docstring); one rank and scale on every layer. Each
+  variant combines its own leaves (`linear_merge`)."""
   firsts = [lin.adapters[n] for n in names for lin in mods.values() if n in lin.adapters]
   kinds = {type(a) for a in firsts}
   if len(kinds) > 1:
     raise JaxteleError(f"--method linear: adapters of different variants ({', '.join(sorted(k.variant for k in kinds))}) "
                        "do not make one adapter; merge them into a model (--format hf) or use ties / dare")
-  kind, scale = kinds.pop(), firsts[0].scale
-  ranks = source_ranks(mods, names)
-  for path, lin in mods.items():
-    present = [(n, w) for n, w in zip(names, weights, strict=True) if n in lin.adapters]
-    d_in, d_out = lin.shape
-    a_blocks, b_blocks = [], []
-    for n, w in zip(names, weights, strict=True):
-      a_IR, b_RO = np.zeros((d_in, ranks[n]), np.float32), np.zeros((ranks[n], d_out), np.float32)
-      if n in lin.adapters:
-        ad = lin.adapters[n]
-        a_IR[:, :ad.rank] = np.asarray(ad.lora_a[...], np.float32)
-        b_RO[:ad.rank] = np.asarray(ad.lora_b[...], np.float32) * np.float32(w * ad.scale / scale)
-      a_blocks.append(a_IR)
-      b_blocks.append(b_RO)
-    if kind is PissaAdapter:
-      initial = [lin.adapters[n] for n, _ in present]
-      a0, b0 = (np.asarray(initial[0].lora_a0[...]), np.asarray(initial[0].lora_b0[...]))
-      rest = 1.0 - sum(w for _, w in present)
-      a_blocks.append(a0)
-      b_blocks.append(b0 * np.float32(rest * initial[0].scale / scale))
-    a_IR, b_RO = np.concatenate(a_blocks, 1), np.concatenate(b_blocks, 0)
-    dropout = lin.adapters[present[0][0]].dropout
-    if kind is DoraAdapter:
-      mag_O = sum(w * np.asarray(lin.adapters[n].lora_magnitude[...], np.float32) for n, w in present)
-      adapter = DoraAdapter(a_IR, b_RO, mag_O, scale=scale, dropout=dropout)
-    elif kind is PissaAdapter:
-      adapter = PissaAdapter(a_IR, b_RO, scale=scale, dropout=dropout)
-      adapter.lora_a0, adapter.lora_b0 = Frozen(jnp.asarray(a0)), Frozen(jnp.asarray(b0))
-    else:
-      adapter = LoraAdapter(a_IR, b_RO, scale=scale, dropout=dropout)
-    attach(lin, out, adapter)
+  scale, ranks = firsts[0].scale, source_ranks(mods, names)
+  for lin in mods.values():
+    parts = [(lin.adapters.get(n), w) for n, w in zip(names, weights, strict=True)]
+    first = next(a for a, _ in parts if a is not None)
+    attach(lin, out, first.linear_merge(parts, [ranks[n] for n in names], lin.shape, scale))
   return out

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtele.models import leaves
+
 BLOCK = 64
 SCALE_BLOCK = 256
 
@@ -50,8 +52,19 @@ def quantize_codes(w_IO):
   return (idx[0::2] << 4) | idx[1::2], absmax_QO.astype(np.float32)
 
 
+SLOT = "quant"  # the Linear attribute an NF4 base sits in: its leaves are found at <linear>/quant/<leaf>
+
+
 class NF4Weight(nnx.Module):
   """A kernel stored in NF4; `dequantize(dtype)` gives it back [I, O]."""
+
+  # Codes and absmaxes are split along the kernel's axes (rows padded / packed / blocked, columns as they are);
+  # the scales are frozen bookkeeping, not parameters of the model.
+  LEAVES = (leaves.Leaf("codes", ("in", "out"), trains=False),
+            leaves.Leaf("absmax", ("in", "out"), trains=False, counts=False),
+            leaves.Leaf("absmax_q", ("in", "out"), trains=False, counts=False),
+            leaves.Leaf("absmax_scale", (None,), trains=False, counts=False),
+            leaves.Leaf("absmax_offset", (), trains=False, counts=False))
 
   def __init__(self, w_IO, *, double_quant: bool = False):
     codes, absmax_QO = quantize_codes(w_IO)
@@ -89,3 +102,6 @@ class NF4Weight(nnx.Module):
 
   def nbytes(self) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(self)))
+
+
+leaves.declare(SLOT, NF4Weight.LEAVES)
