@@ -86,7 +86,7 @@ def train_schema() -> dict:
       "lora": {"rank": POSITIVE(16), "alpha": POSITIVE_FLOAT(32.0), "targets": STR("all-linear"), "rslora": BOOL(False),
                "extra_trainable": STR(""),
                "base_dtype": choice(*DTYPES, "auto")("auto"),  # auto: the compute dtype on GPU/TPU, fp32 on CPU
-               # lora | dora | pissa (init from W's top singular directions); a live view: a variant registered later is one too
+               # lora | dora | pissa (PiSSA: init from W's top singular directions); a live view of the registry
                "variant": Rule(str, choices=VARIANTS.keys())("lora"),
                "dropout": UNIT_OPEN(0.0),  # on the adapter input, training only
                "plus_ratio": Rule(float, lo=0.0)(0.0),  # LoRA+: B's learning rate = ratio x A's (0 or 1: off)
