@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxtele.batch import whole_rows
 from jaxtele.errors import cli
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
@@ -104,10 +105,7 @@ def sampler(model: Decoder, batch: int, length: int):
 
 def as_batch(docs_BT) -> dict:
   """Documents of one row each, under the batch contract."""
-  tokens, targets = docs_BT[:, :-1], docs_BT[:, 1:]
-  ones = jnp.ones_like(tokens)
-  return {"tokens": tokens, "targets": targets, "segment_ids": ones, "loss_mask": ones,
-          "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)}
+  return whole_rows(docs_BT)
 
 
 def mean_nll(model: Decoder, batch: dict) -> float:
