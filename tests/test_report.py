@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jaxtele import report
+from jaxtele import run_report as report
 from jaxtele.eval import diagnose
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,16 +1,17 @@
-"""The report's drawings of gradient norms and of diagnostics.json (`python -m jaxtele.eval.diagnose`).
+"""The run comparison's drawings (`jaxtele.run_report`) of gradient norms and of diagnostics.json
+(`python -m jaxtele.eval.diagnose`): it reads the file, so the report never imports evaluation.
 
 Gradient norms of different parameter sets are never drawn on one axis as if comparable: each (run, group)
 pair gets its own panel, and one shared panel shows them normalised per parameter (norm / sqrt(parameters),
 the RMS gradient entry) where diagnostics.json gives the parameter counts. Plots take objects with
-`.name`, `.series(key)` and `.diagnostics` (report.Run) and return (file name, None) or (None, why).
+`.name`, `.series(key)` and `.diagnostics` (run_report.Run) and return (file name, None) or (None, why).
 """
 
 import os
 
 import numpy as np
 
-from jaxtele.eval.diagnose import grad_keys
+from jaxtele.metrics import GRAD_NORM, TRAIN, grad_keys
 
 
 def _figure(rows, cols, width=4.2, height=3.4):
@@ -38,7 +39,7 @@ def plot_grad_norms(runs, out_dir):
   keys = {r.name: grad_keys(r.rows) for r in runs}
   have = [r for r in runs if keys[r.name]]
   if not have:
-    return None, "no run logged train/grad_norm*"
+    return None, f"no run logged {GRAD_NORM}*"
   counted = [(r, k) for r in have for k in keys[r.name] if _parameters(r, k)]
   cols = max(len(keys[r.name]) for r in have) + (1 if counted else 0)
   plt, fig, axes = _figure(len(have), cols)
@@ -48,7 +49,7 @@ def plot_grad_norms(runs, out_dir):
       ax.plot(*r.series(k), marker=".")
       n = _parameters(r, k)
       ax.set(xlabel="step", ylabel="gradient norm",
-             title=f"{r.name}: {k.removeprefix('train/')}" + (f"\n({n:,} parameters)" if n else ""))
+             title=f"{r.name}: {k.removeprefix(TRAIN)}" + (f"\n({n:,} parameters)" if n else ""))
       ax.grid(alpha=0.3)
     for j in range(len(keys[r.name]), cols):
       axes[i][j].axis("off")
@@ -57,7 +58,7 @@ def plot_grad_norms(runs, out_dir):
     ax.axis("on")
     for r, k in counted:
       steps, v = r.series(k)
-      ax.plot(steps, np.asarray(v) / np.sqrt(_parameters(r, k)), marker=".", label=f"{r.name}: {k[6:]}")
+      ax.plot(steps, np.asarray(v) / np.sqrt(_parameters(r, k)), marker=".", label=f"{r.name}: {k.removeprefix(TRAIN)}")
     ax.set(xlabel="step", ylabel="norm / sqrt(parameters)", title="per parameter (RMS gradient entry)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
