@@ -42,7 +42,7 @@ class Forgetting:
   def evaluate_base(self, s, evaluate, step: int) -> dict:
     """Evaluate the base with byte counts (at step 0 the state holds it; a resumed run rebuilds it)."""
     from jaxtele import build
-    from jaxtele.eval.perplexity import scored_bytes
+    from jaxtele.evaluate import scored_bytes
     from jaxtele.sharding import put
 
     params = s.state["params"]

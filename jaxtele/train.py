@@ -20,7 +20,7 @@ from jaxtele.config import check_paths, from_argv, validate
 from jaxtele.data import setup as data_setup
 from jaxtele.data.pipeline import packing_efficiency
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.eval.perplexity import evaluate
+from jaxtele.evaluate import evaluate
 from jaxtele.metrics import TRAIN_LR, MetricsWriter, Throughput, flops_per_token, train_key
 from jaxtele.models.attention import resolve_attention
 from jaxtele.models.lora import trainable_table
