@@ -16,7 +16,8 @@ import sys
 
 from jaxtele import run_report_plots
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.metrics import STEP, TOKENS_PER_PARAM, TOKENS_SEEN, TRAIN_LOSS, eval_key, eval_set_of, read_metrics
+from jaxtele.metrics import (METRICS_FILE, STEP, TOKENS_PER_PARAM, TOKENS_SEEN, TRAIN_LOSS, eval_key, eval_set_of,
+                             read_metrics)
 
 DOMAIN_RE, GENERAL_RE = r"3gpp|telecom", r"wikitext"
 X_AXES = {STEP: "steps", TOKENS_SEEN: "tokens seen", TOKENS_PER_PARAM: "tokens per parameter"}
@@ -30,6 +31,8 @@ class Run:
       raise JaxteleError(f"{run_dir}: no such run directory")
     self.dir, self.name = run_dir, name
     self.rows = read_metrics(run_dir)
+    if not self.rows:  # a page of n/a would pass for a report
+      raise JaxteleError(f"{os.path.join(run_dir, METRICS_FILE)}: no metrics (missing or empty): nothing to report")
     self.config = latest_config(run_dir)
     diag = os.path.join(run_dir, "diagnostics.json")
     self.diagnostics = json.load(open(diag)) if os.path.isfile(diag) else None
@@ -104,20 +107,8 @@ def final_metrics(runs: list[Run]) -> str:
 # --- plots: each returns a file name, or None with the reason ---
 
 def _figure(ncols=1, width=6.4):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, 4.2), squeeze=False)
+  plt, fig, axes = run_report_plots.figure(1, ncols, width, 4.2)
   return plt, fig, axes[0]
-
-
-def _save(plt, fig, out_dir, name):
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, name), dpi=110)
-  plt.close(fig)
-  return name
 
 
 def plot_loss(runs, out_dir):
@@ -130,7 +121,7 @@ def plot_loss(runs, out_dir):
   ax.set(xlabel="step", ylabel=TRAIN_LOSS, title="Training loss")
   ax.grid(alpha=0.3)
   ax.legend()
-  return _save(plt, fig, out_dir, "loss.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "loss.png"), None
 
 
 def plot_eval(runs, out_dir, x=STEP):
@@ -151,7 +142,7 @@ def plot_eval(runs, out_dir, x=STEP):
     ax.set(xlabel=x.replace("_", " "), ylabel="perplexity", title=eval_key(s, "ppl"))
     ax.grid(alpha=0.3)
     ax.legend()
-  return _save(plt, fig, out_dir, "eval_ppl.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "eval_ppl.png"), None
 
 
 def pick_set(sets: list[str], pattern: str) -> str | None:
@@ -185,7 +176,7 @@ def plot_tradeoff(runs, out_dir, domain_re, general_re):
          ylabel="change in domain perplexity (down = gain)", title="Domain gain vs general loss")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(plt, fig, out_dir, "domain_vs_general.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "domain_vs_general.png"), None
 
 
 def plot_grad_norms(runs, out_dir):
@@ -213,7 +204,7 @@ def plot_intruders(runs, out_dir):
     ax.set(title=title, ylabel=key.replace("_", " "))
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-  return _save(plt, fig, out_dir, "intruders.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "intruders.png"), None
 
 
 def run_names(dirs: list[str]) -> list[str]:
@@ -247,7 +238,7 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
     page += ["Effective rank of dW next to the most an update of that module could have:", ""] + ranks + [""]
   from jaxtele.frontier import report_section
 
-  frontier = report_section(runs, out_dir, _figure, _save)  # only for runs with eval.forgetting_base
+  frontier = report_section(runs, out_dir, _figure, run_report_plots.save)  # only for runs with eval.forgetting_base
   page += ["## Gain against forgetting: the frontier", "", *frontier] if frontier else []
   intruders = [(r.name, r.diagnostics["intruders_total"]) for r in runs if r.diagnostics]
   if intruders:

@@ -14,7 +14,7 @@ import numpy as np
 from jaxtele.metrics import GRAD_NORM, TRAIN, grad_keys
 
 
-def _figure(rows, cols, width=4.2, height=3.4):
+def figure(rows, cols, width=4.2, height=3.4):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -24,7 +24,7 @@ def _figure(rows, cols, width=4.2, height=3.4):
   return plt, fig, axes
 
 
-def _save(plt, fig, out_dir, name):
+def save(plt, fig, out_dir, name):
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, name), dpi=110)
   plt.close(fig)
@@ -42,7 +42,7 @@ def plot_grad_norms(runs, out_dir):
     return None, f"no run logged {GRAD_NORM}*"
   counted = [(r, k) for r in have for k in keys[r.name] if _parameters(r, k)]
   cols = max(len(keys[r.name]) for r in have) + (1 if counted else 0)
-  plt, fig, axes = _figure(len(have), cols)
+  plt, fig, axes = figure(len(have), cols)
   for i, r in enumerate(have):
     for j, k in enumerate(keys[r.name]):
       ax = axes[i][j]
@@ -63,7 +63,7 @@ def plot_grad_norms(runs, out_dir):
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  return _save(plt, fig, out_dir, "grad_norms.png"), None
+  return save(plt, fig, out_dir, "grad_norms.png"), None
 
 
 def plot_diagnostics(runs, out_dir):
@@ -72,7 +72,7 @@ def plot_diagnostics(runs, out_dir):
   have = [r for r in runs if r.diagnostics and r.diagnostics.get("intruders_by_eps")]
   if not have:
     return None, "no run has diagnostics.json with intruders by eps (python -m jaxtele.eval.diagnose RUN_DIR)"
-  plt, fig, axes = _figure(1, 4, width=4.6, height=4.6)
+  plt, fig, axes = figure(1, 4, width=4.6, height=4.6)
   ax_eps, ax_sim, ax_ratio, ax_rho = axes[0]
   styles = ["-", "--", ":", "-."]
   for i, r in enumerate(have):
@@ -105,7 +105,7 @@ def plot_diagnostics(runs, out_dir):
       ax.legend(fontsize=7)
   if ax_ratio.get_legend_handles_labels()[0]:  # colour: module type, line style: run; below, out of the way
     ax_ratio.legend(fontsize=5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-  return _save(plt, fig, out_dir, "diagnostics.png"), None
+  return save(plt, fig, out_dir, "diagnostics.png"), None
 
 
 def rank_table(runs) -> list[str]:
