@@ -127,7 +127,7 @@ def select_step(run_dir: str, selection: str, step: int | None) -> int:
   return s["best_within_budget"]
 
 
-# --- The report's section (`python -m jaxtele.report`): the frontier over checkpoints and over runs. ---
+# --- The report's section (`python -m jaxtele.run_report`): the frontier over checkpoints and over runs. ---
 
 def report_section(runs, out_dir: str, figure, save) -> list[str]:
   """Markdown lines: a plot of domain bpb against general bpb per checkpoint (each run's frontier joined, its best
