@@ -16,6 +16,7 @@ import jax
 
 from jaxtele import frontier
 from jaxtele.run import FORGETTING_BASE, RunDir
+from jaxtele.metrics import eval_key, forget_key, read_metrics
 
 BASE_FILE = FORGETTING_BASE
 
@@ -28,21 +29,21 @@ class Forgetting:
     self.stop = cfg.train.on_budget == "stop"
     self.path = RunDir(cfg.run_dir).file(BASE_FILE)
     self.base = json.load(open(self.path)) if os.path.isfile(self.path) else None
-    self.history = frontier.points(frontier.read_rows(cfg.run_dir), self.budget)
+    self.history = frontier.points(read_metrics(cfg.run_dir), self.budget)
 
   def pooled(self, out: dict, nbytes: dict) -> dict:
     """{role: bpb} pooled over the sets of each role: summed nats / ln 2 / summed bytes."""
     res = {}
     for r in frontier.ROLES:
       names = [n for n, x in self.roles.items() if x == r]
-      nats = sum(out[f"eval/{n}/loss"] * out[f"eval/{n}/tokens"] for n in names)
+      nats = sum(out[eval_key(n, "loss")] * out[eval_key(n, "tokens")] for n in names)
       res[r] = nats / math.log(2) / max(sum(nbytes[n] for n in names), 1.0)
     return res
 
   def evaluate_base(self, s, evaluate, step: int) -> dict:
     """Evaluate the base with byte counts (at step 0 the state holds it; a resumed run rebuilds it)."""
     from jaxtele import build
-    from jaxtele.eval.perplexity import scored_bytes
+    from jaxtele.evaluate import scored_bytes
     from jaxtele.sharding import put
 
     params = s.state["params"]
@@ -50,7 +51,7 @@ class Forgetting:
       self.log(f"forgetting: no {self.path} from step 0; rebuilding the initial parameters to evaluate the base")
       params = put(build.split_model(build.build_model(s.cfg), s.cfg)[1], s.state_sh["params"])
     out = evaluate(params, scored_bytes(s.tokenizer))
-    nbytes = {n: out[f"eval/{n}/bytes"] for n in self.roles}
+    nbytes = {n: out[eval_key(n, "bytes")] for n in self.roles}
     bpb = self.pooled(out, nbytes)
     self.base = {"bytes": nbytes, **{f"{r}_bpb": v for r, v in bpb.items()}}
     if jax.process_index() == 0:
@@ -65,11 +66,11 @@ class Forgetting:
     d, g = bpb["domain"], bpb["general"]
     base = {"domain_bpb": self.base["domain_bpb"], "general_bpb": self.base["general_bpb"]}
     over = frontier.over_budget(g, base, self.budget)
-    m = {"forget/domain_bpb": d, "forget/general_bpb": g, "forget/base_domain_bpb": base["domain_bpb"],
-         "forget/base_general_bpb": base["general_bpb"], "forget/domain_gain": base["domain_bpb"] - d,
-         "forget/general_increase": g / base["general_bpb"] - 1.0}
+    m = {forget_key("domain_bpb"): d, forget_key("general_bpb"): g, forget_key("base_domain_bpb"): base["domain_bpb"],
+         forget_key("base_general_bpb"): base["general_bpb"], forget_key("domain_gain"): base["domain_bpb"] - d,
+         forget_key("general_increase"): g / base["general_bpb"] - 1.0}
     if self.budget > 0:
-      m["forget/over_budget"] = float(over)
+      m[forget_key("over_budget")] = float(over)
     if step > 0:
       self.history = [p for p in self.history if p["step"] != step] + [
           {"step": step, "domain_bpb": d, "general_bpb": g, "over_budget": over}]

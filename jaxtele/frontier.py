@@ -14,12 +14,14 @@ import re
 
 from jaxtele.errors import JaxteleError
 from jaxtele.run import FRONTIER, RunDir
+from jaxtele.metrics import METRICS_FILE, STEP, forget_key, read_metrics
 
 ROLES = ("domain", "general")
 SELECTIONS = ("best-within-budget",)
 GENERAL_NAME = re.compile(r"wiki|general|web|english|c4|pile|fineweb", re.IGNORECASE)
 SUMMARY = FRONTIER
-KEYS = ("forget/domain_bpb", "forget/general_bpb")
+KEYS = (forget_key("domain_bpb"), forget_key("general_bpb"))
+BASE_KEYS = (forget_key("base_domain_bpb"), forget_key("base_general_bpb"))
 
 
 def role(spec: dict) -> str:
@@ -27,24 +29,11 @@ def role(spec: dict) -> str:
   return spec.get("role") or ("general" if GENERAL_NAME.search(str(spec.get("name", ""))) else "domain")
 
 
-def read_rows(run_dir: str) -> list[dict]:
-  path = RunDir(run_dir).metrics
-  rows = []
-  if os.path.isfile(path):
-    with open(path) as f:
-      for n, line in enumerate(f, 1):
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise JaxteleError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-  return rows
-
-
 def base_of(rows: list[dict]) -> dict | None:
   """The frozen base's pooled bpb, as the run logged it."""
   for r in reversed(rows):
-    if "forget/base_domain_bpb" in r and "forget/base_general_bpb" in r:
-      return {"domain_bpb": r["forget/base_domain_bpb"], "general_bpb": r["forget/base_general_bpb"]}
+    if all(k in r for k in BASE_KEYS):
+      return {"domain_bpb": r[BASE_KEYS[0]], "general_bpb": r[BASE_KEYS[1]]}
   return None
 
 
@@ -53,8 +42,8 @@ def points(rows: list[dict], budget: float = 0.0) -> list[dict]:
   base = base_of(rows)
   by_step = {}
   for r in rows:
-    if r.get("step", 0) > 0 and all(k in r for k in KEYS):
-      by_step[r["step"]] = {"step": r["step"], "domain_bpb": r[KEYS[0]], "general_bpb": r[KEYS[1]]}
+    if (r.get(STEP) or 0) > 0 and all(k in r for k in KEYS):
+      by_step[r[STEP]] = {"step": r[STEP], "domain_bpb": r[KEYS[0]], "general_bpb": r[KEYS[1]]}
   out = [by_step[s] for s in sorted(by_step)]
   for p in out:
     p["over_budget"] = over_budget(p["general_bpb"], base, budget)
@@ -94,7 +83,7 @@ def run_budget(run_dir: str) -> float:
 
 def summary(run_dir: str, budget: float | None = None) -> dict:
   """The run's frontier over its checkpoints on disk, and the best one within budget."""
-  rows = read_rows(run_dir)
+  rows = read_metrics(run_dir)
   budget = run_budget(run_dir) if budget is None else budget
   saved = set(checkpoint_steps(run_dir))
   pts = [p | {"checkpoint": p["step"] in saved} for p in points(rows, budget)]
@@ -126,14 +115,14 @@ def select_step(run_dir: str, selection: str, step: int | None) -> int:
     raise JaxteleError(f"--select: {run_dir} is not a run directory")
   s = summary(run_dir)
   if not s["points"]:
-    raise JaxteleError(f"--select: {run_dir}/metrics.jsonl has no forget/* evaluations "
+    raise JaxteleError(f"--select: {os.path.join(run_dir, METRICS_FILE)} has no forget/* evaluations "
                        "(train with eval.forgetting_base=True)")
   if s["best_within_budget"] is None:
     raise JaxteleError(f"--select: no checkpoint of {run_dir} is within its forgetting budget (+{s['budget']:.1%})")
   return s["best_within_budget"]
 
 
-# --- The report's section (`python -m jaxtele.report`): the frontier over checkpoints and over runs. ---
+# --- The report's section (`python -m jaxtele.run_report`): the frontier over checkpoints and over runs. ---
 
 def report_section(runs, out_dir: str, figure, save) -> list[str]:
   """Markdown lines: a plot of domain bpb against general bpb per checkpoint (each run's frontier joined, its best

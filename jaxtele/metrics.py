@@ -1,5 +1,9 @@
-"""Training metrics: throughput and MFU, a progress line on the terminal, `metrics.jsonl`, TensorBoard and,
-when `metrics.wandb.project` is set, Weights & Biases (the same keys and steps; mode offline needs no network).
+"""Training metrics: the key names, throughput and MFU, a progress line on the terminal, `metrics.jsonl` (written
+and read here), TensorBoard and, when `metrics.wandb.project` is set, Weights & Biases (the same keys and steps;
+mode offline needs no network).
+
+A metrics.jsonl row is {"step", the index keys (tokens seen...), metric keys}: `train/<name>` (train/loss,
+train/grad_norm[/<group>]...), `eval/<set>/<stat>` (loss, ppl, tokens, bytes, bpb) and `forget/<name>`.
 
 MFU (model FLOPs utilisation) = model FLOPs/s / (devices x peak dense bf16 FLOPs/s per device), counted as
 PaLM (appendix B) and MaxText count them. Per input token, with N = parameters in matmuls (lm_head included,
@@ -13,12 +17,67 @@ Devices whose peak is unknown (CPU) report no MFU.
 
 import json
 import os
-import sys
 import time
 
-import jax
+from jaxtele.errors import JaxteleError
+from jaxtele.progress import Progress
+from jaxtele.run import METRICS as METRICS_FILE, TENSORBOARD, RunDir
 
-from jaxtele.run import TENSORBOARD, RunDir
+STEP = "step"
+TOKENS_SEEN, TOKENS_PER_PARAM, TOKENS_PER_TRAINABLE = "tokens_seen", "tokens_per_param", "tokens_per_trainable_param"
+INDEX_KEYS = (TOKENS_SEEN, TOKENS_PER_PARAM, TOKENS_PER_TRAINABLE)  # what a row is keyed by besides the step
+TRAIN, EVAL, FORGET = "train/", "eval/", "forget/"
+TRAIN_LOSS, TRAIN_LR, GRAD_NORM = "train/loss", "train/lr", "train/grad_norm"
+
+
+def train_key(name: str) -> str:
+  return TRAIN + name
+
+
+def eval_key(set_name: str, stat: str) -> str:
+  """`eval/<set>/<stat>`: stat is loss, ppl, tokens, bytes or bpb."""
+  return f"{EVAL}{set_name}/{stat}"
+
+
+def eval_set_of(key: str, stat: str) -> str | None:
+  """The set an `eval/<set>/<stat>` key names (None for any other key)."""
+  if key.startswith(EVAL) and key.endswith("/" + stat) and len(key) > len(EVAL) + len(stat) + 1:
+    return key[len(EVAL):-len(stat) - 1]
+  return None
+
+
+def forget_key(name: str) -> str:
+  return FORGET + name
+
+
+def grad_keys(rows: list[dict]) -> list[str]:
+  """The gradient-norm keys a run logged (train/grad_norm and one per group), in first-seen order."""
+  return list(dict.fromkeys(k for r in rows for k in r if k == GRAD_NORM or k.startswith(GRAD_NORM + "/")))
+
+
+def grad_key_group(key: str) -> str:
+  """'train/grad_norm/lora_b' -> 'lora_b'; the overall 'train/grad_norm' -> ''."""
+  return key.removeprefix(GRAD_NORM).lstrip("/")
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  """RUN_DIR/metrics.jsonl rows by step ([] without the file); a step logged twice (a resumed run, or a train
+  and an eval row) is one row, the later values winning."""
+  path = RunDir(run_dir).metrics
+  if not os.path.isfile(path):
+    return []
+  by_step = {}
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise JaxteleError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+      by_step.setdefault(row.get(STEP), {}).update(row)
+  return [by_step[s] for s in sorted(by_step, key=lambda s: -1 if s is None else s)]
+
 
 # Dense bf16 peak FLOP/s by device kind; the most specific name first (device_kind strings: "NVIDIA H100 80GB
 # HBM3" is the SXM part, "NVIDIA H100 PCIe", "TPU v5 lite" is v5e, plain "TPU v5" / "TPU v5p" is v5p).
@@ -29,6 +88,8 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12)
 
 
 def peak_flops(device=None) -> float | None:
+  import jax  # lazily: the metrics readers (reports, frontier, sweep summary) need no JAX
+
   kind = (device or jax.devices()[0]).device_kind
   return next((f for name, f in PEAK_BF16_FLOPS if name.lower() in kind.lower()), None)
 
@@ -64,11 +125,13 @@ class Throughput:
     self.efficiency, self.steps = self.efficiency + efficiency, self.steps + 1
 
   def read(self) -> dict:
+    import jax
+
     dt = max(time.time() - self.tic, 1e-9)
     tps = self.tokens / dt
     mfu = tps * self.flops_per_token / (self.peak * jax.device_count()) if self.peak else None
-    out = {"train/tokens_per_s": tps, "train/trained_tokens_per_s": self.trained / dt, "train/mfu": mfu,
-           "train/packing_efficiency": self.efficiency / max(self.steps, 1)}
+    out = {train_key("tokens_per_s"): tps, train_key("trained_tokens_per_s"): self.trained / dt,
+           train_key("mfu"): mfu, train_key("packing_efficiency"): self.efficiency / max(self.steps, 1)}
     self.reset()
     return out
 
@@ -80,8 +143,6 @@ def wandb_run(run_dir: str, wandb_cfg, config: dict | None = None):
   try:
     import wandb
   except ImportError:
-    from jaxtele.errors import JaxteleError
-
     raise JaxteleError("metrics.wandb.project: wandb is not installed (pip install 'jaxtele[wandb]')") from None
   return wandb.init(project=wandb_cfg["project"], name=wandb_cfg.get("name") or os.path.basename(
       os.path.abspath(run_dir)), entity=wandb_cfg.get("entity") or None, mode=wandb_cfg.get("mode", "offline"),
@@ -92,6 +153,7 @@ class MetricsWriter:
   def __init__(self, run_dir: str, enabled: bool = True, wandb=None, config: dict | None = None):
     self.enabled = enabled
     self.start = time.time()
+    self.bar = None  # the progress line, from the first step logged
     self.wb = None
     if enabled:
       os.makedirs(run_dir, exist_ok=True)
@@ -109,7 +171,7 @@ class MetricsWriter:
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     if log:
       log(f"step {step} eval: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("ppl")))
-    self.jsonl.write(json.dumps({"step": step, **(index or {}), **metrics}) + "\n")
+    self.jsonl.write(json.dumps({STEP: step, **(index or {}), **metrics}) + "\n")
     self.jsonl.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
@@ -117,17 +179,20 @@ class MetricsWriter:
     if self.wb is not None:
       self.wb.log(metrics, step=step)
 
-  def progress(self, step: int, total: int, metrics: dict):
+  def progress(self, step: int, total: int, metrics: dict, first: int = 0):
+    """The training line: steps done, their rate since `first` (the step this process started at), metrics."""
     if not self.enabled:
       return
-    parts = [f"step {step}/{total}"]
-    for key, fmt in (("train/loss", "loss {:.4f}"), ("train/lr", "lr {:.2e}"), ("train/grad_norm", "gnorm {:.3f}"),
-                     ("train/tokens_per_s", "{:,.0f} tok/s"), ("train/mfu", "MFU {:.1%}"),
-                     ("train/packing_efficiency", "packed {:.0%}")):
+    if self.bar is None:
+      self.bar = Progress("train", total, "steps", every=0, first=first)
+    parts = []
+    for key, fmt in ((TRAIN_LOSS, "loss {:.4f}"), (TRAIN_LR, "lr {:.2e}"), (GRAD_NORM, "gnorm {:.3f}"),
+                     (train_key("tokens_per_s"), "{:,.0f} tok/s"), (train_key("mfu"), "MFU {:.1%}"),
+                     (train_key("packing_efficiency"), "packed {:.0%}")):
       if metrics.get(key) is not None:
         parts.append(fmt.format(metrics[key]))
     parts.append(f"{time.time() - self.start:.0f}s")
-    print(" | ".join(parts), file=sys.stderr, flush=True)
+    self.bar(step, " | ".join(parts))
 
   def close(self):
     if self.enabled:

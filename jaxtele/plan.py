@@ -15,6 +15,7 @@ import jax
 
 from jaxtele import build
 from jaxtele.accelerator import ACCELERATORS, mesh_context, resolve_base_dtype
+from jaxtele.batch import abstract as abstract_batch
 from jaxtele.config import print_config
 from jaxtele.models.decoder import REMAT_POLICIES
 from jaxtele.optimizer import run_optimizer
@@ -86,8 +87,7 @@ def _memory(cfg, mesh, rules, compile_step):
   }
   if compile_step:
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=batch_sharding(mesh))
-             for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    batch = abstract_batch(B, T, batch_sharding(mesh))
     abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     step = jax.jit(make_train_step(graphdef, tx, cfg.train.grad_accum, cfg.train.loss, cfg.train.loss_chunk),
                    donate_argnums=(0,))

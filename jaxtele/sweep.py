@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from jaxtele import progress
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.sweep_summary import POINT_FILE, status, summarize, write_summary
 
@@ -144,7 +145,9 @@ def run_sweep(sweep: dict, log, limit: int = 0, retry_failed: bool = False) -> d
     if not todo or (limit and ran >= limit):
       break
     p = todo[0]
-    log(f"sweep: point {points.index(p) + 1}/{len(points)}{'' if complete else '+'}: {p['arm']}/{p['name']}")
+    more = "" if complete else " (the best_seeds stage follows)"
+    progress.Progress("sweep", len(points), "points", every=0, rate=False)(
+        points.index(p) + 1, f"running {p['arm']}/{p['name']}{more}")
     run_point(sweep, p, log)
     ran += 1
     write_summary(sweep, summarize(sweep, all_points(sweep)[0]))
@@ -176,7 +179,7 @@ def main(argv=None):
   ap.add_argument("--max-points", type=int, default=0, help="stop after this many points (0: all)")
   ap.add_argument("--retry-failed", action="store_true", help="run failed points again")
   args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  log = progress.log
   sweep = load_sweep(args.config)
   if args.slurm:
     print(slurm_command(args.config, sweep))

@@ -6,8 +6,8 @@ import json
 import math
 import os
 
-from jaxtele.errors import JaxteleError
 from jaxtele.run import SWEEP_POINT, RunDir
+from jaxtele.metrics import EVAL, STEP, TOKENS_PER_PARAM, TOKENS_SEEN, read_metrics
 
 POINT_FILE = SWEEP_POINT
 
@@ -20,32 +20,18 @@ def t975(df: int) -> float:
   return T975[df - 1] if df <= len(T975) else 1.96
 
 
-def read_rows(run_dir: str) -> list[dict]:
-  path = RunDir(run_dir).metrics
-  if not os.path.isfile(path):
-    return []
-  rows = []
-  for i, line in enumerate(open(path), 1):
-    if line.strip():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        raise JaxteleError(f"{path}:{i}: not a JSON line") from None
-  return rows
-
-
 def point_metrics(run_dir: str) -> tuple[dict, list]:
   """(the last value of every eval/ key, one entry per evaluation: step, tokens seen if logged, its metrics).
   A step evaluated twice (before an interruption and after the resume) keeps its last row."""
   by_step = {}
-  for r in read_rows(run_dir):
-    evals = {k: v for k, v in r.items() if k.startswith("eval/")}
-    if evals and r.get("step") is not None:
-      by_step.setdefault(r["step"], {}).update(evals | {k: r[k] for k in ("tokens_seen", "tokens_per_param") if k in r})
+  for r in read_metrics(run_dir):
+    evals = {k: v for k, v in r.items() if k.startswith(EVAL)}
+    if evals and r.get(STEP) is not None:
+      by_step.setdefault(r[STEP], {}).update(evals | {k: r[k] for k in (TOKENS_SEEN, TOKENS_PER_PARAM) if k in r})
   curve = [{"step": s, **m} for s, m in sorted(by_step.items())]
   final = {}
   for entry in curve:
-    final |= {k: v for k, v in entry.items() if k.startswith("eval/")}
+    final |= {k: v for k, v in entry.items() if k.startswith(EVAL)}
   return final, curve
 
 

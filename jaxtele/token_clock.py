@@ -9,6 +9,7 @@ An evaluation asked for at T tokens runs after the first update at which the run
 import math
 
 from jaxtele.errors import JaxteleError
+from jaxtele.metrics import TOKENS_PER_PARAM, TOKENS_PER_TRAINABLE, TOKENS_SEEN
 
 
 def log_spaced(first: int, last: int, count: int) -> list[int]:
@@ -47,5 +48,5 @@ class TokenClock:
 
   def index(self, step: int) -> dict:
     seen = step * self.tokens_per_step
-    return {"tokens_seen": seen, "tokens_per_param": seen / max(self.params, 1),
-            "tokens_per_trainable_param": seen / max(self.trainable, 1)}
+    return {TOKENS_SEEN: seen, TOKENS_PER_PARAM: seen / max(self.params, 1),
+            TOKENS_PER_TRAINABLE: seen / max(self.trainable, 1)}

@@ -13,15 +13,15 @@ import sys
 import jax
 import numpy as np
 
-from jaxtele import build, distributed
+from jaxtele import build, distributed, progress
 from jaxtele.accelerator import mesh_context, set_gpu_flags
 from jaxtele.checkpoint import Checkpointer, run_meta
 from jaxtele.config import check_paths, from_argv, validate
 from jaxtele.data import setup as data_setup
 from jaxtele.data.pipeline import packing_efficiency
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.eval.perplexity import evaluate
-from jaxtele.metrics import MetricsWriter, Throughput, flops_per_token
+from jaxtele.evaluate import evaluate
+from jaxtele.metrics import TRAIN_LR, MetricsWriter, Throughput, flops_per_token, train_key
 from jaxtele.models.lora import trainable_table
 from jaxtele.optimizer import run_optimizer
 from jaxtele.sharding import Shardings, batch_sharding, global_batch, host_copy, make_mesh, put
@@ -79,7 +79,7 @@ def check_platform(cfg, log):
 
 def setup(cfg) -> Setup:
   main_process = distributed.is_main()
-  log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main_process else (lambda msg: None)
+  log = progress.log if main_process else (lambda msg: None)
   check_platform(cfg, log)
   check_paths(cfg)
   model_cfg = build.model_config(cfg.model)
@@ -174,11 +174,11 @@ def train_loop(s: Setup) -> dict:
     losses.append(float(m["loss"]))
     s.throughput.add(local["tokens"].size * jax.process_count(), int(m["trained_tokens"]), packing_efficiency(local))
     if n % cfg.train.log_every == 0 or n == end:
-      metrics = {f"train/{k}": v for k, v in m.items()} | {"train/lr": float(s.lr_schedule(n - 1))}
+      metrics = {train_key(k): v for k, v in m.items()} | {TRAIN_LR: float(s.lr_schedule(n - 1))}
       if window_ends:
         metrics |= s.throughput.read()
       s.writer.write(n, metrics, index=s.clock.index(n))
-      s.writer.progress(n, cfg.train.steps, metrics)
+      s.writer.progress(n, cfg.train.steps, metrics, first=s.latest or 0)
 
   if s.eval_sets and cfg.eval.get("forgetting_base"):
     from jaxtele.forgetting import Forgetting
@@ -281,7 +281,7 @@ def main(argv=None):
   if dry:
     from jaxtele.plan import plan, remat_plan
 
-    check_platform(cfg, lambda msg: print(msg, file=sys.stderr))
+    check_platform(cfg, progress.log)
     validate(cfg, build.model_config(cfg.model), jax.device_count(), jax.process_count())
     plan(cfg, **(remat_plan(remat_table) if remat_table else {}))
     return 0

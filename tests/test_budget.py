@@ -40,7 +40,7 @@ def test_frontier_and_selection_from_a_hand_built_metrics_file(tmp_path):
   assert s["points"][0]["domain_gain"] == pytest.approx(0.2) and s["points"][1]["general_increase"] == \
       pytest.approx(0.03)
   assert frontier.select_step(str(tmp_path / "run"), "best-within-budget", None) == 6
-  from jaxtele.report import build_report
+  from jaxtele.run_report import build_report
 
   page = open(build_report([str(tmp_path / "run")], str(tmp_path / "report"))).read()
   assert "| run | +2.0% | (2.0000, 1.0000) | 2, 4, 6 | step 6 (1.7500, 1.0150) |" in page

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxtele.convert import load_pretrained
-from jaxtele.eval.generate import Sampling, generate, pick
+from jaxtele.generation import Sampling, generate, pick
 
 
 @nnx.jit
@@ -88,7 +88,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_greedy_matches_transformers_generate(smollm2, smollm2_hf):
   import torch
 
-  from jaxtele.eval.generate import chat_prompt_ids
+  from jaxtele.generation import chat_prompt_ids
 
   _, ref = smollm2_hf
   tok = smollm2.tokenizer

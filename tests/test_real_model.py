@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from jaxtele.convert import hf
-from jaxtele.eval.generate import chat_prompt_ids, greedy
+from jaxtele.generation import chat_prompt_ids, greedy
 
 pytestmark = pytest.mark.slow
 

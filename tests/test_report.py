@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jaxtele import report
+from jaxtele import run_report as report
 from jaxtele.eval import diagnose
 from jaxtele.run import DIAGNOSTICS, RunDir
 
@@ -68,3 +68,11 @@ def test_bad_run_dir(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
   assert e.value.code == 2 and "no such run directory" in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "metrics.jsonl").write_text("")
+  with pytest.raises(SystemExit) as e:
+    report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.strip() == f"error: {tmp_path / 'empty' / 'metrics.jsonl'}: no metrics (missing or " \
+      "empty): nothing to report"
+  assert not (tmp_path / "out" / "report.md").exists()

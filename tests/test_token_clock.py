@@ -6,7 +6,7 @@ import json
 import ml_collections
 import pytest
 
-from jaxtele import report
+from jaxtele import run_report as report
 from jaxtele.errors import JaxteleError
 from jaxtele.token_clock import TokenClock, log_spaced, requested_tokens
 

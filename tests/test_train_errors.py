@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxtele.errors import JaxteleError
+from jaxtele.run import RunDir
 
 
 @pytest.fixture

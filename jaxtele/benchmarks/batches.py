@@ -4,11 +4,12 @@ PyTorch process build the same one."""
 
 import numpy as np
 
+from jaxtele import batch as batch_contract
+
 
 def packed_batch(batch: int, seq_len: int, vocab: int, mean_doc: int = 512, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  out = {k: np.zeros((batch, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions",
-                                                            "loss_mask")}
+  out = batch_contract.empty(batch, seq_len)
   for b in range(batch):
     t, seg = 0, 1
     while t < seq_len - 8:  # leave a little padding at the end of most rows, as packing does

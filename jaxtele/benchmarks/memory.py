@@ -15,10 +15,10 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxtele import step as step_lib
+from jaxtele.batch import abstract as abstract_batch
 from jaxtele.config import default_config
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import abstract_model
@@ -37,9 +37,7 @@ def abstract_step_inputs(cfg: ModelConfig, attention: str, batch: int, seq: int)
   params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
   tx, _ = make_optimizer(default_config().optimizer, 1000)
   state = jax.eval_shape(functools.partial(step_lib.init_state, tx=tx), params)
-  ints = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-  names = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
-  return graphdef, tx, state, frozen, {k: ints for k in names}
+  return graphdef, tx, state, frozen, abstract_batch(batch, seq)
 
 
 def measure(attention: str, loss: str, chunk: int, batch: int, seq: int, dtype: str, remat: str) -> dict:

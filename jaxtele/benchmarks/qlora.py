@@ -18,6 +18,7 @@ def main():
   import numpy as np
 
   from jaxtele import build
+  from jaxtele.batch import whole_rows
   from jaxtele.config import default_config
   from jaxtele.convert import load_tokenizer, smollm2_gguf_path
   from jaxtele.models.lora import linears
@@ -38,9 +39,7 @@ def main():
   rows = ids[: len(ids) // (T + 1) * (T + 1)].reshape(-1, T + 1)
 
   def batch(r):
-    r = rows[r]
-    return {"tokens": r[:, :-1], "targets": r[:, 1:], "segment_ids": np.ones((len(r), T), np.int32),
-            "positions": np.tile(np.arange(T), (len(r), 1)), "loss_mask": np.ones((len(r), T), np.int32)}
+    return whole_rows(rows[r])
 
   held = batch(np.arange(len(rows) - 8, len(rows)))
   print(f"SmolLM2-135M (GGUF), LoRA r={args.rank} all-linear, seq {T} x batch {B}, {args.steps} steps, lr 2e-3 "

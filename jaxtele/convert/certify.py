@@ -160,7 +160,7 @@ class Reference:
   def stops(self) -> bool:
     """Whether the source model itself ends its chat turn within GEN_TOKENS (one generation, once)."""
     if self._stops is None:
-      from jaxtele.eval.generate import chat_prompt_ids, greedy
+      from jaxtele.generation import chat_prompt_ids, greedy
 
       end = end_token(self.tokenizer)
       out = greedy(self.model, chat_prompt_ids(self.tokenizer, CHAT_PROBE), GEN_TOKENS, (end,))
@@ -217,7 +217,7 @@ def check_generation(ref: Reference, art: Artifact) -> dict:
   tok = art.tokenizer if art.tokenizer is not None and getattr(art.tokenizer, "chat_template", None) else None
   if tok is None:
     return {"status": "fail", "why": "the artifact carries no chat template to prompt with"}
-  from jaxtele.eval.generate import chat_prompt_ids
+  from jaxtele.generation import chat_prompt_ids
 
   end = end_token(tok)
   out = art.generate(chat_prompt_ids(tok, CHAT_PROBE), (end,))

@@ -53,7 +53,7 @@ class Artifact:
 
 
 def _ours(model, tokenizer, loader, notes=()):
-  from jaxtele.eval.generate import greedy
+  from jaxtele.generation import greedy
 
   return Artifact(loader, lambda ids: jax_logits(model, ids), tokenizer,
                   lambda prompt, stop: greedy(model, prompt, GEN_TOKENS, stop), list(notes))

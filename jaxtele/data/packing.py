@@ -10,20 +10,21 @@ import grain
 import grain.experimental as ge
 import numpy as np
 
+from jaxtele.batch import DTYPE, EXAMPLE_KEYS
+
 PACKINGS = ("first_fit", "best_fit", "concat")
-FEATURES = ("tokens", "targets", "loss_mask")
 
 
 def lm_example(ids: np.ndarray, weights: np.ndarray | None = None) -> dict:
   """ids [n] (and per-token training weights [n]) -> next-token pairs of length n - 1."""
-  ids = np.asarray(ids, np.int32)
-  mask = np.ones_like(ids) if weights is None else np.asarray(weights, np.int32)
+  ids = np.asarray(ids, DTYPE)
+  mask = np.ones_like(ids) if weights is None else np.asarray(weights, DTYPE)
   return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
 
 
 def split_example(ex: dict, max_len: int) -> list[dict]:
   n = len(ex["tokens"])
-  return [{k: ex[k][i:i + max_len] for k in FEATURES} for i in range(0, n, max_len)]
+  return [{k: ex[k][i:i + max_len] for k in EXAMPLE_KEYS} for i in range(0, n, max_len)]
 
 
 class SplitLong(ge.FlatMapTransform):
@@ -39,21 +40,21 @@ class SplitLong(ge.FlatMapTransform):
 
 
 def to_batch_contract(row: dict) -> dict:
-  segment_ids = row["tokens_segment_ids"].astype(np.int32)
+  segment_ids = row["tokens_segment_ids"].astype(DTYPE)
   return {
-      "tokens": row["tokens"].astype(np.int32),
-      "targets": row["targets"].astype(np.int32),
+      "tokens": row["tokens"].astype(DTYPE),
+      "targets": row["targets"].astype(DTYPE),
       "segment_ids": segment_ids,
-      "positions": row["tokens_positions"].astype(np.int32),
-      "loss_mask": (row["loss_mask"] * (segment_ids != 0)).astype(np.int32),
+      "positions": row["tokens_positions"].astype(DTYPE),
+      "loss_mask": (row["loss_mask"] * (segment_ids != 0)).astype(DTYPE),
   }
 
 
 def pack(examples: grain.IterDataset, seq_len: int, method: str = "first_fit", num_packing_bins: int = 64,
          seed: int = 0) -> grain.IterDataset:
-  """Examples -> rows {tokens, targets, segment_ids, positions, loss_mask} of length `seq_len`."""
+  """Examples -> rows of length `seq_len` under the batch contract (jaxtele/batch.py)."""
   pieces = ge.FlatMapIterDataset(examples, SplitLong(seq_len))
-  lengths = {k: seq_len for k in FEATURES}
+  lengths = {k: seq_len for k in EXAMPLE_KEYS}
   if method == "concat":
     rows = ge.ConcatThenSplitIterDataset(pieces, length_struct=lengths)
   elif method in ("first_fit", "best_fit"):

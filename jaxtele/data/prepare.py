@@ -22,8 +22,10 @@ import numpy as np
 from jaxtele.data import threegpp
 from jaxtele.data.tokenize import DocTokenizer
 from jaxtele.errors import JaxteleError
+from jaxtele.progress import Progress
 
 DATASET_NAME = "telecom_corpus"
+TOKENIZE_CHUNK = 1024  # clauses per tokenizer call: one progress line each, fast tokenizers batch within
 
 
 def hash_fraction(key: str) -> float:
@@ -132,7 +134,10 @@ def prepare_3gpp(input_dir: str, out_dir: str, tokenizer, vocab_size: int, eval_
   if not clauses:
     raise JaxteleError(f"{input_dir}: no clauses found in any .md file")
   holdout.check_named([c.id for c in clauses], input_dir)
-  token_lists = doc_tok.encode_batch([c.text for c in clauses])
+  token_lists, tick = [], Progress("prepare: tokenize", len(clauses), "clauses")
+  for i in range(0, len(clauses), TOKENIZE_CHUNK):
+    token_lists += doc_tok.encode_batch([c.text for c in clauses[i:i + TOKENIZE_CHUNK]])
+    tick(len(token_lists))
   t_tok = time.time() - t0
   docs = {"train": [], "eval": [], "eval_spec": []}
   for c, ids in zip(clauses, token_lists, strict=True):

@@ -46,17 +46,31 @@ def resume_stream(cfg, saved: dict | None, step: int | None, log) -> tuple[int, 
 
 
 def eval_data(cfg, doc_tok, process_index=0, process_count=1) -> dict:
-  """{name: dataset} for `eval.sets`: every record once, in order, last batch padded."""
+  """{name: dataset} for a run's `eval.sets` (what the trainer evaluates, and `python -m jaxtele.eval` again)."""
+  return packed_sets(cfg.eval.sets, cfg.data, cfg.eval.batch_size, doc_tok, process_index=process_index,
+                     process_count=process_count)
+
+
+def packed_sets(specs, data_cfg, batch_size: int, doc_tok, open_source=None, where="eval.sets", process_index=0,
+                process_count=1) -> dict:
+  """{name: dataset of packed batches} for `{name, sources, format}` specs: every record once, in order, the last
+  batch padded. The one builder of packed evaluation sets: the trainer's `eval.sets` and the eval CLI's.
+  `open_source(spec, where)` opens a source (default: as the training stream opens its sources)."""
   out = {}
-  for i, spec in enumerate(cfg.eval.sets):
-    dcfg = copy.deepcopy(cfg.data)
+  for i, spec in enumerate(specs):
+    dcfg = copy.deepcopy(data_cfg)
     dcfg.unlock()
     dcfg.sources = list(spec["sources"])
-    dcfg.format = spec.get("format", cfg.data.format)
-    dcfg.batch_size = cfg.eval.batch_size
+    dcfg.format = spec.get("format", data_cfg.format)
+    dcfg.batch_size = batch_size
     dcfg.workers = 0
-    out[spec.get("name", f"set{i}")] = pipeline.build(dcfg, doc_tok, process_index=process_index,
-                                                      process_count=process_count, train=False)
+    sources = weights = None  # None: pipeline.build opens them
+    if open_source is not None:
+      sources = [open_source(s, f"{where}[{i}].sources[{j}]") for j, s in enumerate(spec["sources"])]
+      weights = [float(s.get("weight", 1.0)) for s in spec["sources"]]
+    out[spec.get("name", f"set{i}")] = pipeline.build(dcfg, doc_tok, sources=sources, weights=weights,
+                                                      process_index=process_index, process_count=process_count,
+                                                      train=False)
   return out
 
 

@@ -4,8 +4,8 @@ was trained with) and generated answers scored by token F1 / exact match."""
 import numpy as np
 
 from jaxtele.eval import prompts, qa_metrics
-from jaxtele.eval.generate import Sampling, decode_until_stop, generate
 from jaxtele.eval.score import sequence_nll
+from jaxtele.generation import Sampling, decode_until_stop, generate
 
 
 def encode(item: dict, template: str, doc_tok, score_end: bool = True):

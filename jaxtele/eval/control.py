@@ -26,10 +26,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxtele.batch import whole_rows
 from jaxtele.errors import cli
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import Decoder, init_model
 from jaxtele.models.lora import add_lora, trainable_filter
+from jaxtele.progress import log
 from jaxtele.step import init_state, make_eval_step, make_train_step
 
 
@@ -104,10 +106,7 @@ def sampler(model: Decoder, batch: int, length: int):
 
 def as_batch(docs_BT) -> dict:
   """Documents of one row each, under the batch contract."""
-  tokens, targets = docs_BT[:, :-1], docs_BT[:, 1:]
-  ones = jnp.ones_like(tokens)
-  return {"tokens": tokens, "targets": targets, "segment_ids": ones, "loss_mask": ones,
-          "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)}
+  return whole_rows(docs_BT)
 
 
 def mean_nll(model: Decoder, batch: dict) -> float:
@@ -178,8 +177,8 @@ def main(argv=None):
       t0 = time.time()
       results.append(continual_pretrain(c, arm, lr, args.steps, corpus=corpus) | {"seed": seed,
                                                                                    "seconds": time.time() - t0})
-      print(f"seed {seed} {arm:7s} lr {lr:g}: excess {results[-1]['curve'][0][1]:.4f} -> "
-            f"{results[-1]['curve'][-1][1]:.4f} nats/token ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+      log(f"seed {seed} {arm:7s} lr {lr:g}: excess {results[-1]['curve'][0][1]:.4f} -> "
+          f"{results[-1]['curve'][-1][1]:.4f} nats/token ({time.time() - t0:.0f} s)")
   with open(os.path.join(args.out, "control.json"), "w") as f:
     json.dump({"control": dataclasses.asdict(Control(rank=args.rank)), "results": results}, f, indent=1)
   plot(results, args.rank, os.path.join(args.out, "control.png"))

@@ -19,7 +19,7 @@ bf16 base is upcast first, so rounding does not pose as a full-rank update; an N
 quantization error does not either). Gradient norms come from metrics.jsonl: every train/grad_norm* key the
 run logged, with each group's parameter count (the group each leaf declares, `step.grad_group`), so norms of
 different parameter sets can be compared per parameter. Shapes: kernel_IO [in, out]. JAX is imported only to
-load a run, so `read_metrics` and the maths stay light.
+load a run, so reading metrics (metrics.py) and the maths stay light.
 """
 
 import argparse
@@ -33,8 +33,8 @@ from jaxtele import source
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval import reach
 from jaxtele.run import DIAGNOSTICS, RunDir
+from jaxtele.metrics import STEP, grad_key_group, grad_keys, read_metrics
 
-GRAD_PREFIX = "train/grad_norm"
 EPS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,41 +112,18 @@ def intruders_by_eps(rows: list[dict], grid=EPS_GRID) -> dict:
           "by_module": {m: [count([r for r in rows if r["module"] == m], e) for e in grid] for m in modules}}
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-  """metrics.jsonl rows; a step logged twice (a resumed run) keeps its last row."""
-  path = RunDir(run_dir).metrics
-  if not os.path.isfile(path):
-    return []
-  by_step = {}
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise JaxteleError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-      by_step.setdefault(row.get("step"), {}).update(row)
-  return [by_step[s] for s in sorted(by_step, key=lambda s: -1 if s is None else s)]
-
-
-def grad_keys(rows: list[dict]) -> list[str]:
-  """The gradient-norm keys a run logged (train/grad_norm and one per group), in first-seen order."""
-  return list(dict.fromkeys(k for r in rows for k in r if k == GRAD_PREFIX or k.startswith(GRAD_PREFIX + "/")))
-
-
 def grad_norms(run_dir: str, counts: dict | None = None) -> dict:
   """{key: {steps, values, mean, last[, parameters]}} for every gradient-norm key the run logged; `counts`
   ({group: parameters}) adds the size of the set each norm is taken over."""
   rows = read_metrics(run_dir)
   out = {}
   for key in grad_keys(rows):
-    pts = [(r["step"], r[key]) for r in rows if key in r]
+    pts = [(r[STEP], r[key]) for r in rows if key in r]
     steps, values = zip(*pts)
     out[key] = {"steps": list(steps), "values": list(values), "mean": float(np.mean(values)),
                 "last": float(values[-1])}
     if counts:
-      group = key.removeprefix(GRAD_PREFIX).lstrip("/")
+      group = grad_key_group(key)
       n = sum(counts.values()) if not group else counts.get(group)
       if n:
         out[key]["parameters"] = int(n)

@@ -17,11 +17,11 @@ import re
 import jax
 import numpy as np
 
+from jaxtele import batch as batch_contract
 from jaxtele.data.content import content_type
 from jaxtele.data.packing import split_example
 from jaxtele.data.pipeline import Formatter
 from jaxtele.errors import JaxteleError
-from jaxtele.eval.perplexity import BATCH_KEYS
 from jaxtele.sharding import global_batch
 
 # Clause ids of 3GPP documents ("TS 38.321 5.4.2.1"): the spec is the id's first two words.
@@ -86,7 +86,7 @@ class DocSet:
 
   def _batch(self, rows):
     B, T = self.batch_size, self.seq_len
-    out = {k: np.zeros((B, T), np.int32) for k in BATCH_KEYS}
+    out = batch_contract.empty(B, T)
     out["doc"] = np.full((B, T), -1, np.int32)
     for b, pieces in enumerate(rows):
       t = 0
@@ -148,7 +148,7 @@ def score(token_nll_step, params, frozen, ds: DocSet, mesh, max_batches: int = 0
   for i, batch in enumerate(ds.batches()):
     if max_batches and i >= max_batches:
       break
-    nll_BT = np.asarray(token_nll_step(params, frozen, global_batch({k: batch[k] for k in BATCH_KEYS}, mesh)))
+    nll_BT = np.asarray(token_nll_step(params, frozen, global_batch({k: batch[k] for k in batch_contract.KEYS}, mesh)))
     scored = (batch["loss_mask"] > 0) & (batch["doc"] >= 0)
     nll += np.bincount(batch["doc"][scored], weights=nll_BT[scored].astype(np.float64), minlength=len(nll))
     counted += np.bincount(batch["doc"][scored], minlength=len(nll))

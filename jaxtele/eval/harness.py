@@ -1,6 +1,6 @@
 """lm-evaluation-harness over any model jaxtele loads: a run directory, an HF / jaxtele folder, a `.gguf`, or a
 PEFT adapter folder on its base. Scoring goes through jaxtele's batched scorer (eval/score.py), generation
-through its KV-cache decoder (eval/generate.py).
+through its KV-cache decoder (jaxtele/generation.py).
 
   python -m jaxtele.eval.harness --model jaxtele --model_args source=runs/my_run,batch_size=16 \\
       --tasks arc_easy,hellaswag --include_path my_tasks/ --output_path results/
@@ -33,8 +33,8 @@ except ImportError as e:  # an optional extra: say how to get it
   raise ImportError("jaxtele.eval.harness needs lm-eval: pip install -e '.[lmeval]'") from e
 
 from jaxtele.errors import JaxteleError
-from jaxtele.eval.generate import Sampling, decode_until_stop, generate
 from jaxtele.eval.score import sequence_scores
+from jaxtele.generation import Sampling, decode_until_stop, generate
 
 
 def load_source(source: str, base: str | None = None, step: int | None = None, adapter: str | None = None):

@@ -3,7 +3,6 @@ tasks: perplexity and bits per byte, multiple choice, open questions (answer per
 and forgetting against a base model. Results go to `out/results.json`, `out/results.md`, `out/predictions/`."""
 
 import os
-import sys
 import time
 
 import jax
@@ -11,10 +10,12 @@ import numpy as np
 
 from jaxtele.data import setup as data_setup
 from jaxtele.errors import JaxteleError
-from jaxtele.eval import answers, contamination, documents, items as eval_items, mcq, prompts, report, text_sets
+from jaxtele.eval import answers, contamination, documents, items as eval_items, mcq, prompts, results_page, text_sets
 from jaxtele.eval.config import expand_paths, validate
-from jaxtele.eval.generate import Sampling
-from jaxtele.eval.perplexity import evaluate, scored_bytes
+from jaxtele.generation import Sampling
+from jaxtele.evaluate import evaluate, scored_bytes
+from jaxtele.metrics import eval_key
+from jaxtele.progress import Progress, log
 from jaxtele.sharding import Shardings, make_mesh, mesh_shape
 from jaxtele.source import Flags, Loaded, load as load_source, resolve
 from jaxtele.step import make_eval_step, make_token_nll_step
@@ -25,10 +26,6 @@ EVAL_FLAGS = Flags("model.source", "model.step", "model.base")
 def load(source: str, step=None, runtime=None, base=None, flags: Flags = EVAL_FLAGS) -> Loaded:
   """Any model source (source.py): a run directory at `step`, a PEFT adapter on `base`, a pretrained model."""
   return load_source(resolve(source, step, base, flags), runtime, flags)
-
-
-def log(msg: str):
-  print(msg, file=sys.stderr, flush=True)
 
 
 def perplexity_sets(cfg, m: Loaded, doc_tok) -> dict:
@@ -64,7 +61,7 @@ def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: b
     if batch % shards:
       raise JaxteleError(f"config: perplexity set {name!r}: batch size {batch} is not divisible by the mesh's "
                          f"batch shards ({shards})")
-    prog = report.Progress(f"perplexity {name}", max_batches or None, "batches")
+    prog = Progress(f"perplexity {name}", max_batches or None, "batches")
     if isinstance(ds, documents.DocSet):
       out[name], recs = documents.results(ds, documents.score(nll_step, params, frozen, ds, mesh, max_batches,
                                                               prog))
@@ -75,9 +72,9 @@ def perplexities(m: Loaded, sets: dict, names, mesh, tokenizer, bits_per_byte: b
       continue
     r = evaluate(eval_step, params, frozen, {name: ds}, mesh, max_batches, (batch, seq_len),
                  byte_count=scored_bytes(tokenizer) if bits_per_byte else None, progress=lambda _, done: prog(done))
-    if r[f"eval/{name}/tokens"] == 0:
+    if r[eval_key(name, "tokens")] == 0:
       raise JaxteleError(f"perplexity set {name!r}: an empty evaluation set (no scored tokens)")
-    out[name] = {k.rsplit("/", 1)[1]: v for k, v in r.items()}
+    out[name] = {k.removeprefix(eval_key(name, "")): v for k, v in r.items()}
     # A run's set is scored as its trainer scores it (eval.max_batches included): say how much of it that was.
     total = float(sum(np.asarray(b["loss_mask"]).sum() for b in ds)) if max_batches else out[name]["tokens"]
     out[name] |= {"tokens_total": total, "fraction_scored": out[name]["tokens"] / max(total, 1.0)}
@@ -110,7 +107,7 @@ def run(cfg) -> dict:
     results["perplexity"] = perplexities(m, sets, list(sets), mesh, m.tokenizer, cfg.perplexity.bits_per_byte,
                                          per_doc)
     for name, recs in per_doc.items():  # one row per document: what paired comparisons resample
-      report.write_jsonl(os.path.join(preds, f"ppl_{name}.jsonl"), recs)
+      results_page.write_jsonl(os.path.join(preds, f"ppl_{name}.jsonl"), recs)
 
   index = None
   if cfg.contamination.corpus:
@@ -129,7 +126,7 @@ def run(cfg) -> dict:
     its = eval_items.load_items(spec, "mcq", where)
     total = sum(len(it["options"]) for it in its) if style == "cloze" else len(its)
     summary, records = mcq.evaluate(m.model, doc_tok, its, template, cfg.mcq.batch_size,
-                                    report.Progress(f"mcq {name}", total, "options" if style == "cloze" else "items"),
+                                    Progress(f"mcq {name}", total, "options" if style == "cloze" else "items"),
                                     style)
     summary["template"] = template
     if index:
@@ -140,7 +137,7 @@ def run(cfg) -> dict:
           "raw": contamination.split_metrics([r["pred"] == r["answer"] for r in records], flagged),
           "norm": contamination.split_metrics([r["pred_norm"] == r["answer"] for r in records], flagged)}
     results.setdefault("mcq", {})[name] = summary
-    report.write_jsonl(os.path.join(preds, f"mcq_{name}.jsonl"), records)
+    results_page.write_jsonl(os.path.join(preds, f"mcq_{name}.jsonl"), records)
 
   if cfg.open_qa.sets:
     template, origin = prompts.resolve(cfg.open_qa.template, cfg.model.source, m.run_cfg, m.tokenizer,
@@ -156,23 +153,23 @@ def run(cfg) -> dict:
     if cfg.open_qa.answer_ppl and spec.get("answer_ppl", True):  # a set may turn either task off
       r["answer_ppl"] = answers.answer_perplexity(m.model, doc_tok, its, template, cfg.open_qa.batch_size,
                                                   cfg.open_qa.score_end_token,
-                                                  report.Progress(f"answer ppl {name}", len(its)))
+                                                  Progress(f"answer ppl {name}", len(its)))
     if cfg.open_qa.generate and spec.get("generate", True):
       r["generation"], records = answers.generated_answers(m.model, doc_tok, its, template, sampling,
                                                            cfg.open_qa.batch_size,
-                                                           report.Progress(f"generate {name}", len(its)))
+                                                           Progress(f"generate {name}", len(its)))
       if index:
         flagged = flags(its, [it["question"] + " " + it["references"][0] for it in its])
         for rec, f in zip(records, flagged, strict=True):
           rec["contaminated"] = f
         r["contamination"] = {"f1": contamination.split_metrics([x["f1"] for x in records], flagged)}
-      report.write_jsonl(os.path.join(preds, f"qa_{name}.jsonl"), records)
+      results_page.write_jsonl(os.path.join(preds, f"qa_{name}.jsonl"), records)
     results.setdefault("open_qa", {})[name] = r
 
   if cfg.forgetting.base:
     results["forgetting"] = forgetting(cfg, m, sets, results.get("perplexity", {}), mesh)
   results["seconds"] = time.time() - t0
-  report.write(cfg.out, results)
+  results_page.write(cfg.out, results)
   log(f"wrote {os.path.join(cfg.out, 'results.json')} and results.md")
   return results
 

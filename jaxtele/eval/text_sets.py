@@ -1,13 +1,12 @@
-"""Packed text sets for perplexity, built the way the trainer builds `eval.sets` (`jaxtele.data.setup.eval_data`:
+"""Packed text sets for perplexity, built by the trainer's builder of `eval.sets` (`jaxtele.data.setup.packed_sets`:
 every record once, in order, last batch padded), plus one source only evaluation needs: the held-out clauses of
 raw 3GPP Markdown (`{type: 3gpp, path, eval_fraction, holdout, heldout_specs, heldout_spec_fraction}`), the same
 clauses `python -m jaxtele.data prepare` puts in its `eval` split (holdout: clause) or `eval_spec` split (holdout:
 spec) given the same fractions and specs."""
 
-import copy
 import re
 
-from jaxtele.data import pipeline, threegpp
+from jaxtele.data import setup as data_setup, threegpp
 from jaxtele.data.prepare import Holdout
 from jaxtele.data.sources import Records, make_source
 from jaxtele.errors import JaxteleError
@@ -80,22 +79,12 @@ def open_source(spec: dict, where: str):
 
 
 def build_sets(sets, data_cfg, batch_size: int, doc_tok) -> dict:
-  """{name: dataset of packed batches} for a list of `{name, sources, format}` specs (the `eval.sets` format)."""
-  out = {}
+  """{name: dataset of packed batches} for a list of `{name, sources, format}` specs (the `eval.sets` format),
+  built as the trainer builds its sets (`data.setup.packed_sets`), with this module's sources."""
   for i, spec in enumerate(sets):
-    where = f"perplexity.sets[{i}]"
     if not spec.get("sources"):
-      raise JaxteleError(f"{where}.sources: an empty evaluation set (no sources)")
-    dcfg = copy.deepcopy(data_cfg)
-    dcfg.unlock()
-    dcfg.sources = list(spec["sources"])
-    dcfg.format = spec.get("format", data_cfg.format)
-    dcfg.batch_size = batch_size
-    dcfg.workers = 0
-    sources = [open_source(s, f"{where}.sources[{j}]") for j, s in enumerate(spec["sources"])]
-    weights = [float(s.get("weight", 1.0)) for s in spec["sources"]]
-    out[spec.get("name", f"set{i}")] = pipeline.build(dcfg, doc_tok, sources=sources, weights=weights, train=False)
-  return out
+      raise JaxteleError(f"perplexity.sets[{i}].sources: an empty evaluation set (no sources)")
+  return data_setup.packed_sets(sets, data_cfg, batch_size, doc_tok, open_source, "perplexity.sets")
 
 
 def build_doc_sets(sets, data_cfg, batch_size: int, doc_tok, sample: float = 1.0, max_batches: int = 0) -> dict:

@@ -1,13 +1,14 @@
-"""Perplexity per evaluation set of packed rows (the trainer's periodic eval and `python -m jaxtele.eval`)."""
+"""Perplexity of packed evaluation sets, sharded over the mesh: the trainer's periodic evaluation, and what
+`python -m jaxtele.eval` builds on for a run's own sets. Keys follow metrics.py (`eval/<set>/<stat>`)."""
 
 import itertools
 
 import jax
 import numpy as np
 
+from jaxtele import batch as batch_contract
+from jaxtele.metrics import eval_key
 from jaxtele.sharding import global_batch
-
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def evaluate(eval_step, params, frozen, eval_sets, mesh, max_batches, local_shape, byte_count=None,
@@ -28,7 +29,7 @@ def evaluate(eval_step, params, frozen, eval_sets, mesh, max_batches, local_shap
       if batch is None:
         if jax.process_count() == 1:
           break
-        batch = {k: np.zeros(local_shape, np.int32) for k in BATCH_KEYS}  # segment 0: nothing counted
+        batch = batch_contract.empty(*local_shape)  # segment 0: nothing counted
       s, c = eval_step(params, frozen, global_batch(batch, mesh))
       total, count = total + float(s), count + float(c)
       if byte_count is not None:
@@ -36,10 +37,11 @@ def evaluate(eval_step, params, frozen, eval_sets, mesh, max_batches, local_shap
       if progress is not None:
         progress(name, i + 1)
     loss = total / max(count, 1.0)
-    out.update({f"eval/{name}/loss": loss, f"eval/{name}/ppl": float(np.exp(loss)), f"eval/{name}/tokens": count})
+    out.update({eval_key(name, "loss"): loss, eval_key(name, "ppl"): float(np.exp(loss)),
+                eval_key(name, "tokens"): count})
     if byte_count is not None:
-      out[f"eval/{name}/bytes"] = nbytes
-      out[f"eval/{name}/bpb"] = total / np.log(2) / max(nbytes, 1.0)
+      out[eval_key(name, "bytes")] = nbytes
+      out[eval_key(name, "bpb")] = total / np.log(2) / max(nbytes, 1.0)
   return out
 
 

@@ -1,27 +1,8 @@
-"""Progress lines on stderr, and the results written as `results.json` (everything) and `results.md` (tables)."""
+"""One evaluation's results page: `results.json` (everything), `results.md` (tables) and the per-item predictions
+(`write_jsonl`). Comparing runs is `jaxtele.run_report`'s job."""
 
 import json
 import os
-import sys
-import time
-
-
-class Progress:
-  """`progress(done)` prints 'task: done/total items, rate items/s' at most every `every` seconds, and at the end."""
-
-  def __init__(self, task: str, total: int | None, unit: str = "items", every: float = 2.0, stream=None):
-    self.task, self.total, self.unit, self.every = task, total, unit, every
-    self.stream = stream or sys.stderr
-    self.start = self.last = time.time()
-
-  def __call__(self, done: int):
-    now = time.time()
-    if now - self.last < self.every and done != self.total:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    total = f"/{self.total}" if self.total else ""
-    print(f"{self.task}: {done}{total} {self.unit}, {rate:.1f} {self.unit}/s", file=self.stream, flush=True)
 
 
 def write_jsonl(path: str, records: list):

@@ -1,19 +1,20 @@
-"""The report's drawings of gradient norms and of diagnostics.json (`python -m jaxtele.eval.diagnose`).
+"""The run comparison's drawings (`jaxtele.run_report`) of gradient norms and of diagnostics.json
+(`python -m jaxtele.eval.diagnose`): it reads the file, so the report never imports evaluation.
 
 Gradient norms of different parameter sets are never drawn on one axis as if comparable: each (run, group)
 pair gets its own panel, and one shared panel shows them normalised per parameter (norm / sqrt(parameters),
 the RMS gradient entry) where diagnostics.json gives the parameter counts. Plots take objects with
-`.name`, `.series(key)` and `.diagnostics` (report.Run) and return (file name, None) or (None, why).
+`.name`, `.series(key)` and `.diagnostics` (run_report.Run) and return (file name, None) or (None, why).
 """
 
 import os
 
 import numpy as np
 
-from jaxtele.eval.diagnose import grad_keys
+from jaxtele.metrics import GRAD_NORM, TRAIN, grad_keys
 
 
-def _figure(rows, cols, width=4.2, height=3.4):
+def figure(rows, cols, width=4.2, height=3.4):
   import matplotlib
 
   matplotlib.use("Agg")
@@ -23,7 +24,7 @@ def _figure(rows, cols, width=4.2, height=3.4):
   return plt, fig, axes
 
 
-def _save(plt, fig, out_dir, name):
+def save(plt, fig, out_dir, name):
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, name), dpi=110)
   plt.close(fig)
@@ -38,17 +39,17 @@ def plot_grad_norms(runs, out_dir):
   keys = {r.name: grad_keys(r.rows) for r in runs}
   have = [r for r in runs if keys[r.name]]
   if not have:
-    return None, "no run logged train/grad_norm*"
+    return None, f"no run logged {GRAD_NORM}*"
   counted = [(r, k) for r in have for k in keys[r.name] if _parameters(r, k)]
   cols = max(len(keys[r.name]) for r in have) + (1 if counted else 0)
-  plt, fig, axes = _figure(len(have), cols)
+  plt, fig, axes = figure(len(have), cols)
   for i, r in enumerate(have):
     for j, k in enumerate(keys[r.name]):
       ax = axes[i][j]
       ax.plot(*r.series(k), marker=".")
       n = _parameters(r, k)
       ax.set(xlabel="step", ylabel="gradient norm",
-             title=f"{r.name}: {k.removeprefix('train/')}" + (f"\n({n:,} parameters)" if n else ""))
+             title=f"{r.name}: {k.removeprefix(TRAIN)}" + (f"\n({n:,} parameters)" if n else ""))
       ax.grid(alpha=0.3)
     for j in range(len(keys[r.name]), cols):
       axes[i][j].axis("off")
@@ -57,12 +58,12 @@ def plot_grad_norms(runs, out_dir):
     ax.axis("on")
     for r, k in counted:
       steps, v = r.series(k)
-      ax.plot(steps, np.asarray(v) / np.sqrt(_parameters(r, k)), marker=".", label=f"{r.name}: {k[6:]}")
+      ax.plot(steps, np.asarray(v) / np.sqrt(_parameters(r, k)), marker=".", label=f"{r.name}: {k.removeprefix(TRAIN)}")
     ax.set(xlabel="step", ylabel="norm / sqrt(parameters)", title="per parameter (RMS gradient entry)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  return _save(plt, fig, out_dir, "grad_norms.png"), None
+  return save(plt, fig, out_dir, "grad_norms.png"), None
 
 
 def plot_diagnostics(runs, out_dir):
@@ -71,7 +72,7 @@ def plot_diagnostics(runs, out_dir):
   have = [r for r in runs if r.diagnostics and r.diagnostics.get("intruders_by_eps")]
   if not have:
     return None, "no run has diagnostics.json with intruders by eps (python -m jaxtele.eval.diagnose RUN_DIR)"
-  plt, fig, axes = _figure(1, 4, width=4.6, height=4.6)
+  plt, fig, axes = figure(1, 4, width=4.6, height=4.6)
   ax_eps, ax_sim, ax_ratio, ax_rho = axes[0]
   styles = ["-", "--", ":", "-."]
   for i, r in enumerate(have):
@@ -104,7 +105,7 @@ def plot_diagnostics(runs, out_dir):
       ax.legend(fontsize=7)
   if ax_ratio.get_legend_handles_labels()[0]:  # colour: module type, line style: run; below, out of the way
     ax_ratio.legend(fontsize=5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-  return _save(plt, fig, out_dir, "diagnostics.png"), None
+  return save(plt, fig, out_dir, "diagnostics.png"), None
 
 
 def rank_table(runs) -> list[str]:

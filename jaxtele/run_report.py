@@ -1,6 +1,7 @@
-"""`python -m jaxtele.report RUN_DIR [RUN_DIR ...] [--out DIR] [--domain RE] [--general RE] [--x tokens_seen]`
+"""`python -m jaxtele.run_report RUN_DIR [RUN_DIR ...] [--out DIR] [--domain RE] [--general RE] [--x tokens_seen]`
 
-One Markdown page (DIR/report.md, PNG plots beside it, linked relatively) comparing runs side by side:
+One Markdown page (DIR/report.md, PNG plots beside it, linked relatively) comparing runs side by side (one
+evaluation's own results page is `jaxtele.eval.results_page`):
 the runs' key settings, final metrics, loss curves, eval perplexities over steps (or `--x tokens_seen`,
 `tokens_per_param`), domain gain vs general loss, gradient norms per group, and intruder dimensions from
 RUN_DIR/diagnostics.json (`python -m jaxtele.eval.diagnose`). What a plot needs and no run has is noted on the page, not fatal.
@@ -13,14 +14,14 @@ import os
 import re
 import sys
 
+from jaxtele import run_report_plots
 from jaxtele.errors import JaxteleError, cli
-from jaxtele.eval import diagnose_plots
-from jaxtele.eval.diagnose import read_metrics
+from jaxtele.metrics import (STEP, TOKENS_PER_PARAM, TOKENS_SEEN, TRAIN_LOSS, eval_key, eval_set_of,
+                             read_metrics)
 from jaxtele.run import DIAGNOSTICS, RunDir, read_json
 
 DOMAIN_RE, GENERAL_RE = r"3gpp|telecom", r"wikitext"
-PPL = re.compile(r"^eval/(.+)/ppl$")
-X_AXES = {"step": "steps", "tokens_seen": "tokens seen", "tokens_per_param": "tokens per parameter"}
+X_AXES = {STEP: "steps", TOKENS_SEEN: "tokens seen", TOKENS_PER_PARAM: "tokens per parameter"}
 
 
 class Run:
@@ -39,7 +40,7 @@ class Run:
     diag = run.file(DIAGNOSTICS)
     self.diagnostics = read_json(diag, "diagnostics") if os.path.isfile(diag) else None
 
-  def series(self, key: str, x: str = "step") -> tuple[list, list]:
+  def series(self, key: str, x: str = STEP) -> tuple[list, list]:
     """(x values, values) of `key` over the rows that have both (x: step, tokens_seen or tokens_per_param)."""
     pts = [(r[x], r[key]) for r in self.rows if key in r and r.get(x) is not None]
     return ([s for s, _ in pts], [v for _, v in pts]) if pts else ([], [])
@@ -49,7 +50,7 @@ class Run:
     return values[-1] if values else None
 
   def eval_sets(self) -> list[str]:
-    return sorted({m.group(1) for r in self.rows for k in r if (m := PPL.match(k))})
+    return sorted({s for r in self.rows for k in r if (s := eval_set_of(k, "ppl"))})
 
 
 def settings(run: Run) -> dict:
@@ -71,13 +72,13 @@ def md_table(header: list, rows: list[list]) -> str:
 
 def final_metrics(runs: list[Run]) -> str:
   sets = sorted({s for r in runs for s in r.eval_sets()})
-  header = ["run", "step", "train/loss"] + [f"{s} ppl (first -> last)" for s in sets]
+  header = ["run", "step", TRAIN_LOSS] + [f"{s} ppl (first -> last)" for s in sets]
   rows = []
   for r in runs:
-    steps, _ = r.series("train/loss")
-    cells = [r.name, steps[-1] if steps else None, r.last("train/loss")]
+    steps, _ = r.series(TRAIN_LOSS)
+    cells = [r.name, steps[-1] if steps else None, r.last(TRAIN_LOSS)]
     for s in sets:
-      _, v = r.series(f"eval/{s}/ppl")
+      _, v = r.series(eval_key(s, "ppl"))
       cells.append(f"{v[0]:.3f} -> {v[-1]:.3f}" if v else None)
     rows.append(cells)
   return md_table(header, rows)
@@ -86,54 +87,42 @@ def final_metrics(runs: list[Run]) -> str:
 # --- plots: each returns a file name, or None with the reason ---
 
 def _figure(ncols=1, width=6.4):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, 4.2), squeeze=False)
+  plt, fig, axes = run_report_plots.figure(1, ncols, width, 4.2)
   return plt, fig, axes[0]
 
 
-def _save(plt, fig, out_dir, name):
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, name), dpi=110)
-  plt.close(fig)
-  return name
-
-
 def plot_loss(runs, out_dir):
-  have = [r for r in runs if r.series("train/loss")[0]]
+  have = [r for r in runs if r.series(TRAIN_LOSS)[0]]
   if not have:
-    return None, "no run logged train/loss"
+    return None, f"no run logged {TRAIN_LOSS}"
   plt, fig, (ax,) = _figure()
   for r in have:
-    ax.plot(*r.series("train/loss"), marker=".", label=r.name)
-  ax.set(xlabel="step", ylabel="train/loss", title="Training loss")
+    ax.plot(*r.series(TRAIN_LOSS), marker=".", label=r.name)
+  ax.set(xlabel="step", ylabel=TRAIN_LOSS, title="Training loss")
   ax.grid(alpha=0.3)
   ax.legend()
-  return _save(plt, fig, out_dir, "loss.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "loss.png"), None
 
 
-def plot_eval(runs, out_dir, x="step"):
+def plot_eval(runs, out_dir, x=STEP):
   sets = sorted({s for r in runs for s in r.eval_sets()})
   if not sets:
     return None, "no run logged eval/*/ppl"
-  if not any(r.series(f"eval/{s}/ppl", x)[0] for r in runs for s in sets):
+  if not any(r.series(eval_key(s, "ppl"), x)[0] for r in runs for s in sets):
     return None, f"no run keyed its evaluations by {x}"
   plt, fig, axes = _figure(len(sets), width=5.0)
   for ax, s in zip(axes, sets):
     for r in runs:
-      steps, v = r.series(f"eval/{s}/ppl", x)
+      steps, v = r.series(eval_key(s, "ppl"), x)
       if steps:
         ax.plot(steps, v, marker="o", label=r.name)
-    if x != "step":
-      ax.set_xscale("symlog", linthresh=min((p for r in runs for p in r.series(f"eval/{s}/ppl", x)[0] if p > 0),
+    if x != STEP:
+      ax.set_xscale("symlog", linthresh=min((p for r in runs for p in r.series(eval_key(s, "ppl"), x)[0] if p > 0),
                                             default=1))
-    ax.set(xlabel=x.replace("_", " "), ylabel="perplexity", title=f"eval/{s}/ppl")
+    ax.set(xlabel=x.replace("_", " "), ylabel="perplexity", title=eval_key(s, "ppl"))
     ax.grid(alpha=0.3)
     ax.legend()
-  return _save(plt, fig, out_dir, "eval_ppl.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "eval_ppl.png"), None
 
 
 def pick_set(sets: list[str], pattern: str) -> str | None:
@@ -147,8 +136,8 @@ def plot_tradeoff(runs, out_dir, domain_re, general_re):
     d, g = pick_set(r.eval_sets(), domain_re), pick_set(r.eval_sets(), general_re)
     if not (d and g):
       continue
-    ds, dv = r.series(f"eval/{d}/ppl")
-    gv = dict(zip(*r.series(f"eval/{g}/ppl")))
+    ds, dv = r.series(eval_key(d, "ppl"))
+    gv = dict(zip(*r.series(eval_key(g, "ppl"))))
     pts = [(s, gv[s] - next(iter(gv.values())), v - dv[0]) for s, v in zip(ds, dv) if s in gv]
     if len(pts) < 2:
       continue
@@ -167,12 +156,12 @@ def plot_tradeoff(runs, out_dir, domain_re, general_re):
          ylabel="change in domain perplexity (down = gain)", title="Domain gain vs general loss")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(plt, fig, out_dir, "domain_vs_general.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "domain_vs_general.png"), None
 
 
 def plot_grad_norms(runs, out_dir):
   """One panel per (run, gradient group), and one per parameter: norms over different sets never share an axis."""
-  return diagnose_plots.plot_grad_norms(runs, out_dir)
+  return run_report_plots.plot_grad_norms(runs, out_dir)
 
 
 def plot_intruders(runs, out_dir):
@@ -195,7 +184,7 @@ def plot_intruders(runs, out_dir):
     ax.set(title=title, ylabel=key.replace("_", " "))
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-  return _save(plt, fig, out_dir, "intruders.png"), None
+  return run_report_plots.save(plt, fig, out_dir, "intruders.png"), None
 
 
 def run_names(dirs: list[str]) -> list[str]:
@@ -207,7 +196,7 @@ def run_names(dirs: list[str]) -> list[str]:
 
 
 def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, general_re: str = GENERAL_RE,
-                 x: str = "step") -> str:
+                 x: str = STEP) -> str:
   """Write out_dir/report.md and its PNGs; returns the report's path."""
   if not run_dirs:
     raise JaxteleError("report: give at least one RUN_DIR")
@@ -221,15 +210,15 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
            (f"Eval perplexity over {X_AXES[x]}", plot_eval(runs, out_dir, x)),
            ("Domain gain vs general loss", plot_tradeoff(runs, out_dir, domain_re, general_re)),
            ("Gradient norms", plot_grad_norms(runs, out_dir)), ("Intruder dimensions", plot_intruders(runs, out_dir)),
-           ("Intruders by eps, similarities, update ratios, reach", diagnose_plots.plot_diagnostics(runs, out_dir))]
+           ("Intruders by eps, similarities, update ratios, reach", run_report_plots.plot_diagnostics(runs, out_dir))]
   for title, (png, why) in plots:
     page += [f"## {title}", "", f"![{title}]({png})" if png else f"_Skipped: {why}._", ""]
-  ranks = diagnose_plots.rank_table(runs)
+  ranks = run_report_plots.rank_table(runs)
   if ranks:
     page += ["Effective rank of dW next to the most an update of that module could have:", ""] + ranks + [""]
   from jaxtele.frontier import report_section
 
-  frontier = report_section(runs, out_dir, _figure, _save)  # only for runs with eval.forgetting_base
+  frontier = report_section(runs, out_dir, _figure, run_report_plots.save)  # only for runs with eval.forgetting_base
   page += ["## Gain against forgetting: the frontier", "", *frontier] if frontier else []
   intruders = [(r.name, r.diagnostics["intruders_total"]) for r in runs if r.diagnostics]
   if intruders:
@@ -243,12 +232,12 @@ def build_report(run_dirs: list[str], out_dir: str, domain_re: str = DOMAIN_RE, 
 
 @cli
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m jaxtele.report", description="Compare runs on one Markdown page.")
+  p = argparse.ArgumentParser(prog="python -m jaxtele.run_report", description="Compare runs on one Markdown page.")
   p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
   p.add_argument("--out", default="report", help="output folder (default ./report)")
   p.add_argument("--domain", default=DOMAIN_RE, help=f"regex naming the domain eval set (default {DOMAIN_RE})")
   p.add_argument("--general", default=GENERAL_RE, help=f"regex naming the general eval set (default {GENERAL_RE})")
-  p.add_argument("--x", default="step", choices=list(X_AXES), help="x-axis of the eval curves (default step)")
+  p.add_argument("--x", default=STEP, choices=list(X_AXES), help="x-axis of the eval curves (default step)")
   a = p.parse_args(argv)
   for pattern, flag in ((a.domain, "--domain"), (a.general, "--general")):
     try:
