@@ -59,7 +59,8 @@ def leaves_named(tree, module, leaf):
 
 
 def test_toy_variant_trains_shards_logs_and_is_diagnosed(tiny, tmp_path, capsys):
-  from jaxtele import report
+  from jaxtele import run_report as report
+  from jaxtele.metrics import grad_keys
   from jaxtele.eval import diagnose
   from jaxtele.train import run
 
@@ -93,7 +94,7 @@ def test_toy_variant_trains_shards_logs_and_is_diagnosed(tiny, tmp_path, capsys)
   # the report: one gradient-norm panel per logged group, this one included
   page = report.build_report([str(tmp_path / "run")], str(tmp_path / "report"))
   assert "grad_norms.png" in open(page).read()
-  assert GROUP in diagnose.grad_keys(report.Run(str(tmp_path / "run"), "run").rows)
+  assert GROUP in grad_keys(report.Run(str(tmp_path / "run"), "run").rows)
 
 
 def tiny_model(seed=0):

@@ -73,6 +73,6 @@ def test_bad_run_dir(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err
-  assert e.value.code == 2 and err.strip() == f"error: {tmp_path / 'empty' / 'metrics.jsonl'}: no metrics (missing or " \
-      "empty): nothing to report"
+  assert e.value.code == 2 and err.strip() == f"error: {tmp_path / 'empty' / 'metrics.jsonl'}: empty (the run has " \
+      "logged no metrics yet: nothing to report)"
   assert not (tmp_path / "out" / "report.md").exists()

@@ -59,7 +59,7 @@ def test_an_older_runs_config_is_brought_up_to_date(tmp_path):
 def test_report_on_a_run_without_metrics_is_one_error_line(tmp_path):
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "metrics.jsonl").write_text("")
-  p = subprocess.run([sys.executable, "-m", "jaxtele.report", str(tmp_path / "run"), "--out", str(tmp_path / "out")],
+  p = subprocess.run([sys.executable, "-m", "jaxtele.run_report", str(tmp_path / "run"), "--out", str(tmp_path / "out")],
                      capture_output=True, text=True, timeout=300)
   lines = p.stderr.strip().splitlines()
   assert p.returncode == 2 and len(lines) == 1 and "metrics.jsonl: empty" in lines[0], p.stderr
