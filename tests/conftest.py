@@ -30,6 +30,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import pathlib  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -224,6 +225,7 @@ def wait_for_lines():
   """wait_for_lines(path, n): until a running trainer has logged `n` lines to `path`."""
 
   def wait(path, n, timeout=300):
+    path = pathlib.Path(path)  # RunDir gives str paths
     deadline = time.time() + timeout
     while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
       time.sleep(0.05)
