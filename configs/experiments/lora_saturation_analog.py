@@ -21,7 +21,7 @@ PARAMS = VOCAB * D + LAYERS * (2 * D * D + 2 * D * (D // HEADS) * KV_HEADS + 3 *
 SEQ, BATCH = 128, 32
 TOKENS_PER_STEP = SEQ * BATCH
 BASE_STEPS = 1600  # source pretraining: 6.6M tokens (~200 per parameter, 0.67 epoch), cosine to its end
-CPT_STEPS = 228  # continual pretraining: 933,888 tokens = 28.1 per parameter, 8% of target_train
+CPT_STEPS = 228  # continual pretraining: 933,888 tokens = 28.1 per parameter, ~30% of target_train
 
 # arm: what it trains (lr is the sweep's). r/d = 1/32 = 3.1%, the nearest rank to the reference study's
 # 64/1536 = 4.2%; alpha = 2r throughout (the reference's 128/64).

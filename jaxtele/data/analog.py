@@ -8,8 +8,10 @@ TARGET: the RF/PHY specs (TS 38.101-x, 38.104, 38.201..38.215), tables and numbe
 Files written (one {"id", "text"} object per line) and what they hold:
   source_train       source clauses not held out, WikiText articles not held out, every Alpaca record
   source_heldout     source clauses held out by clause (id hash < clause_fraction): forgetting of the source
-  general_heldout    WikiText articles held out (title hash < general_fraction): general English
-  target_train       target clauses of the specs not held out, minus the clauses held out by clause
+  general_heldout    paragraphs of the WikiText articles held out (title hash < general_fraction): general English
+  target_train       target clauses of the specs not held out, minus the clauses held out by clause (a hash-ordered
+                     sample of `train_bytes`: more than a run reads, so no document is seen twice, and less to
+                     tokenize at each run's start)
   target_clause      target clauses held out by clause (their specs' siblings are in target_train)
   target_spec        every clause of the held-out target specs (no clause of those specs is trained on)
 An eval file keeps a hash-ordered sample of its split up to `eval_bytes` (the sample is what is scored, in full);
@@ -71,7 +73,7 @@ def sample(docs: list[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
 
 
 def build(data: str, out: str, clause_fraction: float = 0.02, general_fraction: float = 0.2,
-          heldout_specs=TARGET_HELDOUT, eval_bytes: int = 32768, log=print) -> dict:
+          heldout_specs=TARGET_HELDOUT, eval_bytes: int = 32768, train_bytes: int = 3 << 20, log=print) -> dict:
   specs_dir = os.path.join(data, "3gpp")
   if not os.path.isdir(specs_dir):
     raise JaxteleError(f"--data: {specs_dir} is not a folder of 3GPP specs")
@@ -98,15 +100,19 @@ def build(data: str, out: str, clause_fraction: float = 0.02, general_fraction: 
   if missing:
     raise JaxteleError(f"--data: spec {missing[0]} is not in {specs_dir}")
   for title, text in wiki_articles(os.path.join(data, "wikitext2", "wiki.test.raw")):
-    files["general_heldout" if hash_fraction("wiki:" + title) < general_fraction else "source_train"].append(
-        (f"wiki:{title}", text))
+    if hash_fraction("wiki:" + title) >= general_fraction:
+      files["source_train"].append((f"wiki:{title}", text))
+    else:  # held out by article; sampled by paragraph, so the sample spans many articles
+      paras = [p for p in text.split("\n") if len(p.strip()) > 80]
+      files["general_heldout"] += [(f"wiki:{title}:{i}", p.strip()) for i, p in enumerate(paras)]
   files["source_train"] += alpaca_texts(os.path.join(data, "alpaca", "alpaca_5000.json"))
   os.makedirs(out, exist_ok=True)
   stats = {"heldout_specs": sorted(held), "clause_fraction": clause_fraction, "general_fraction": general_fraction,
-           "eval_bytes": eval_bytes, "files": {}}
+           "eval_bytes": eval_bytes, "train_bytes": train_bytes, "files": {}}
   for key, docs in files.items():
     full = sum(len(t.encode()) for _, t in docs)
-    kept = sample(docs, eval_bytes) if key in EVAL_FILES else docs
+    kept = sample(docs, eval_bytes) if key in EVAL_FILES else sample(docs, train_bytes) if key == "target_train" \
+        else docs
     nbytes = sum(len(t.encode()) for _, t in kept)
     with open(os.path.join(out, key + ".jsonl"), "w") as f:
       for doc_id, text in kept:
@@ -125,11 +131,13 @@ def main(argv=None):
   p.add_argument("--data", default="../shared/data", help="the shared data folder (3gpp/, wikitext2/, alpaca/)")
   p.add_argument("--out", default="runs/analog/data")
   p.add_argument("--eval-bytes", type=int, default=32768, help="bytes kept per eval file (0: the whole split)")
+  p.add_argument("--train-bytes", type=int, default=3 << 20, help="bytes kept of target_train (0: all)")
   p.add_argument("--heldout-specs", default=",".join(TARGET_HELDOUT), help="target specs held out whole")
   a = p.parse_args(argv)
-  if a.eval_bytes < 0:
-    raise JaxteleError(f"--eval-bytes: must be >= 0, got {a.eval_bytes}")
-  build(a.data, a.out, heldout_specs=[s for s in a.heldout_specs.split(",") if s.strip()], eval_bytes=a.eval_bytes)
+  if a.eval_bytes < 0 or a.train_bytes < 0:
+    raise JaxteleError(f"--eval-bytes / --train-bytes: must be >= 0, got {a.eval_bytes} / {a.train_bytes}")
+  build(a.data, a.out, heldout_specs=[s for s in a.heldout_specs.split(",") if s.strip()], eval_bytes=a.eval_bytes,
+        train_bytes=a.train_bytes)
   return 0
 
 
