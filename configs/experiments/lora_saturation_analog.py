@@ -15,21 +15,21 @@ DATA = "runs/analog/data"  # python -m jaxtele.data.analog --out runs/analog/dat
 ROOT = "runs/analog"
 BASE_EXPORT = ROOT + "/base/export/hf"
 
-# 33,184 parameters: embeddings 264 x 32 (tied, 25% of the model; SmolLM2-135M's are 21%), 2 layers of 12,352.
-D, LAYERS, FFN, HEADS, KV_HEADS, VOCAB = 32, 2, 96, 4, 2, 264
+# 19,128 parameters: embeddings 264 x 24 (tied, 33% of the model; SmolLM2-135M's are 21%), 2 layers of 6,384.
+D, LAYERS, FFN, HEADS, KV_HEADS, VOCAB = 24, 2, 64, 4, 2, 264
 PARAMS = VOCAB * D + LAYERS * (2 * D * D + 2 * D * (D // HEADS) * KV_HEADS + 3 * D * FFN + 2 * D) + D
 SEQ, BATCH = 128, 32
 TOKENS_PER_STEP = SEQ * BATCH
-BASE_STEPS = 1600  # source pretraining: 6.6M tokens (~200 per parameter, 0.67 epoch), cosine to its end
-CPT_STEPS = 228  # continual pretraining: 933,888 tokens = 28.1 per parameter, ~30% of target_train
+BASE_STEPS = 500  # source pretraining: 2.05M tokens (107 per parameter, 0.21 epoch), cosine to its end
+CPT_STEPS = 132  # continual pretraining: 540,672 tokens = 28.3 per parameter, ~17% of target_train
 
-# arm: what it trains (lr is the sweep's). r/d = 1/32 = 3.1%, the nearest rank to the reference study's
-# 64/1536 = 4.2%; alpha = 2r throughout (the reference's 128/64).
+# arm: what it trains (lr is the sweep's). r/d = 1/24 = 4.2%, the reference study's 64/1536;
+# alpha = 2r throughout (the reference's 128/64).
 ARMS = {
     "full": {"train.mode": "full"},
     "lora_r1": {"train.mode": "lora", "lora.rank": 1, "lora.alpha": 2.0},
     "lora_r4": {"train.mode": "lora", "lora.rank": 4, "lora.alpha": 8.0},
-    "lora_r32": {"train.mode": "lora", "lora.rank": D, "lora.alpha": 2.0 * D},
+    "lora_r24": {"train.mode": "lora", "lora.rank": D, "lora.alpha": 2.0 * D},
     "lora_r1_emb": {"train.mode": "lora", "lora.rank": 1, "lora.alpha": 2.0, "lora.train_embeddings": True,
                     "lora.train_head": True, "lora.extra_trainable": r".*norm.*"},
 }
@@ -57,7 +57,7 @@ def get_config(arm: str = "full"):
                         max_position_embeddings=SEQ, rope_theta=10000.0, tie_word_embeddings=True)
   if arm == "base":
     cfg.data.sources = [{"type": "jsonl", "path": f"{DATA}/source_train.jsonl"}]
-    cfg.eval.update(at_start=False, every=BASE_STEPS // 4)
+    cfg.eval.update(at_start=False, every=BASE_STEPS // 2)
     cfg.train.update(mode="full", steps=BASE_STEPS, log_every=50)
     cfg.optimizer.update(lr=3e-3, schedule="cosine", warmup_ratio=0.05, final_lr_ratio=0.1, weight_decay=0.0,
                          clip=1.0)

@@ -7,7 +7,7 @@ exported under ROOT/base (tests, smoke runs: train that base with --config.run_d
 """
 
 RECIPE = "configs/experiments/lora_saturation_analog.py"
-ARMS = ("full", "lora_r1", "lora_r4", "lora_r32", "lora_r1_emb")
+ARMS = ("full", "lora_r1", "lora_r4", "lora_r24", "lora_r1_emb")
 # Constant after warm-up. Adapters (B = 0 at the start, alpha = 2r) take larger rates than full weights.
 FULL_LRS = [1e-3, 3e-3, 1e-2]
 LORA_LRS = [3e-3, 1e-2, 3e-2]

@@ -73,7 +73,7 @@ def sample(docs: list[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
 
 
 def build(data: str, out: str, clause_fraction: float = 0.02, general_fraction: float = 0.2,
-          heldout_specs=TARGET_HELDOUT, eval_bytes: int = 32768, train_bytes: int = 3 << 20, log=print) -> dict:
+          heldout_specs=TARGET_HELDOUT, eval_bytes: int = 16384, train_bytes: int = 3 << 20, log=print) -> dict:
   specs_dir = os.path.join(data, "3gpp")
   if not os.path.isdir(specs_dir):
     raise JaxteleError(f"--data: {specs_dir} is not a folder of 3GPP specs")
@@ -130,7 +130,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jaxtele.data.analog", description=__doc__.splitlines()[0])
   p.add_argument("--data", default="../shared/data", help="the shared data folder (3gpp/, wikitext2/, alpaca/)")
   p.add_argument("--out", default="runs/analog/data")
-  p.add_argument("--eval-bytes", type=int, default=32768, help="bytes kept per eval file (0: the whole split)")
+  p.add_argument("--eval-bytes", type=int, default=16384, help="bytes kept per eval file (0: the whole split)")
   p.add_argument("--train-bytes", type=int, default=3 << 20, help="bytes kept of target_train (0: all)")
   p.add_argument("--heldout-specs", default=",".join(TARGET_HELDOUT), help="target specs held out whole")
   a = p.parse_args(argv)

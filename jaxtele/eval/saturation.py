@@ -319,7 +319,7 @@ def main(argv=None):
   r.add_argument("--data", default="runs/analog/data", help="the corpora (for the unigram baseline); '' to skip")
   r.add_argument("--ref", default="full")
   r.add_argument("--lora", default="lora_r1", help="the claim's LoRA arm")
-  r.add_argument("--ranks", default="lora_r1,lora_r4,lora_r32", help="arms in increasing rank")
+  r.add_argument("--ranks", default="lora_r1,lora_r4,lora_r24", help="arms in increasing rank")
   r.add_argument("--candidates", default="lora_r1,lora_r1_emb", help="arms for the 'refuted' check")
   a = p.parse_args(argv)
   if a.command == "post":
