@@ -17,6 +17,11 @@ def _figure(cols=1, width=5.0, height=3.8):
 
 
 def _save(plt, fig, out, name):
+  from matplotlib.ticker import NullFormatter
+
+  for ax in fig.axes:
+    if ax.get_xscale() == "log":
+      ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap at these spans
   fig.tight_layout()
   fig.savefig(os.path.join(out, name), dpi=110)
   plt.close(fig)
