@@ -73,6 +73,14 @@ def plot_frontier(res, points, out):
   base = [p for p in points if p["tokens"] == 0]
   if base:
     ax.scatter([base[0]["domain_bpb"]], [base[0]["source_bpb"]], marker="*", s=120, c="k", label="base")
+  xs = np.asarray([p["domain_bpb"] for p in points])
+  ys = np.asarray([p["source_bpb"] for p in points])
+  hx, hy = np.quantile(xs, 0.95), np.quantile(ys, 0.95)  # a diverged rate's points would stretch the axes
+  clipped = int(((xs > hx) | (ys > hy)).sum())
+  ax.set_xlim(xs.min() - 0.02, hx + 0.02)
+  ax.set_ylim(ys.min() - 0.02, hy + 0.02)
+  ax.text(0.99, 0.01, f"{clipped} points beyond the 95th percentile not shown", transform=ax.transAxes,
+          ha="right", va="bottom", fontsize=7)
   ax.set_xlabel(f"{res['primary']} bpb (learning: lower is better)")
   ax.set_ylabel("source held-out bpb (forgetting: lower is better)")
   ax.set_title("every evaluated point: arm x lr x seed x D")
