@@ -5,6 +5,7 @@ A sweep is a grid of ordinary runs, run as a resumable queue. Its recipe's `get_
   recipe      the training recipe, "path[:arg]"; "{arm}" in it becomes the arm's name (e.g. "x.py:{arm}")
   arms        {arm: {dotted key: value}}: what tells the arms apart (e.g. train.mode, lora.rank)
   grid        {dotted key: [values]}: crossed with every arm (e.g. optimizer.lr)
+  grids       {arm: {dotted key: [values]}}: an arm's own grid in place of `grid` (e.g. LoRA's higher rates)
   seeds       seeds run at every grid point (each sets `seed` and `data.seed`, so arms are paired by seed)
   best_seeds  extra seeds run only at each arm's best grid point, once the first stage is complete
   select      {"metric": "eval/<set>/loss", "mode": "min" | "max"}: what "best" means (final evaluation)
@@ -26,7 +27,7 @@ from jaxtele import progress
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.sweep_summary import POINT_FILE, status, summarize, write_summary
 
-KEYS = {"root", "recipe", "arms", "grid", "seeds", "best_seeds", "select", "compare"}
+KEYS = {"root", "recipe", "arms", "grid", "grids", "seeds", "best_seeds", "select", "compare"}
 
 
 def load_sweep(path: str) -> dict:
@@ -55,10 +56,15 @@ def load_sweep(path: str) -> dict:
   sel = sweep["select"]
   if not isinstance(sel, dict) or "metric" not in sel or sel.get("mode", "min") not in ("min", "max"):
     raise JaxteleError(f"{file}: get_sweep(): select must be {{'metric': KEY, 'mode': 'min' | 'max'}}, got {sel!r}")
-  for key, values in sweep["grid"].items():
-    if not isinstance(values, (list, tuple)) or not values:
-      raise JaxteleError(f"{file}: get_sweep(): grid[{key!r}] must be a non-empty list")
+  sweep["grids"] = dict(sweep.get("grids") or {})
   arms = list(sweep["arms"])
+  for arm in sweep["grids"]:
+    if arm not in arms:
+      raise JaxteleError(f"{file}: get_sweep(): grids names {arm!r}, not an arm ({', '.join(arms)})")
+  for where, grid in [("grid", sweep["grid"])] + [(f"grids[{a!r}]", g) for a, g in sweep["grids"].items()]:
+    for key, values in grid.items():
+      if not isinstance(values, (list, tuple)) or not values:
+        raise JaxteleError(f"{file}: get_sweep(): {where}[{key!r}] must be a non-empty list")
   for pair in sweep.get("compare") or []:
     for arm in pair:
       if arm not in arms:
@@ -79,13 +85,19 @@ def point(sweep: dict, arm: str, combo: dict, seed: int) -> dict:
   return {"arm": arm, "combo": combo, "seed": seed, "name": name, "run_dir": run_dir, "settings": settings}
 
 
-def combos(sweep: dict) -> list[dict]:
-  keys = list(sweep["grid"])
-  return [dict(zip(keys, values)) for values in itertools.product(*(sweep["grid"][k] for k in keys))]
+def grid_of(sweep: dict, arm: str) -> dict:
+  """The arm's grid: its own (`grids`) or the shared one."""
+  return sweep.get("grids", {}).get(arm, sweep["grid"])
+
+
+def combos(sweep: dict, arm: str) -> list[dict]:
+  grid = grid_of(sweep, arm)
+  return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 def first_stage(sweep: dict) -> list[dict]:
-  return [point(sweep, arm, combo, seed) for arm in sweep["arms"] for combo in combos(sweep) for seed in sweep["seeds"]]
+  return [point(sweep, arm, combo, seed)
+          for arm in sweep["arms"] for combo in combos(sweep, arm) for seed in sweep["seeds"]]
 
 
 def second_stage(sweep: dict, summary: dict) -> list[dict]:

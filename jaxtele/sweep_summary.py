@@ -72,10 +72,11 @@ def paired(a: dict, b: dict) -> dict:
   return out
 
 
-def edges(sweep: dict, combo: dict) -> list[str]:
-  """Grid keys whose chosen value is the smallest or largest of more than one numeric value."""
+def edges(sweep: dict, combo: dict, arm: str | None = None) -> list[str]:
+  """Grid keys whose chosen value is the smallest or largest of more than one numeric value (the arm's grid)."""
   out = []
-  for key, values in sweep["grid"].items():
+  grid = sweep.get("grids", {}).get(arm, sweep["grid"])
+  for key, values in grid.items():
     if len(values) > 1 and all(isinstance(v, (int, float)) for v in values) and combo[key] in (min(values), max(values)):
       out.append(key)
   return out
@@ -106,7 +107,7 @@ def summarize(sweep: dict, points: list[dict]) -> dict:
       g["score"] = sum(first) / len(first) if first and not g["failed"] else None
     scored = [g for g in groups.values() if g["score"] is not None]
     best = min(scored, key=lambda g: sign * g["score"]) if scored else None
-    arms[arm] = {"grid": list(groups.values()), "best": best, "edge": edges(sweep, best["combo"]) if best else []}
+    arms[arm] = {"grid": list(groups.values()), "best": best, "edge": edges(sweep, best["combo"], arm) if best else []}
   comparisons = []
   for a, b in sweep["compare"]:
     ba, bb = arms[a]["best"], arms[b]["best"]

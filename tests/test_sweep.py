@@ -121,3 +121,24 @@ def test_t_quantiles_match_scipy():
 
   for df in range(1, 31):
     assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_sweep_arm_grids(workdir):
+  """`grids` gives an arm its own grid: its points, and the edge flag read against that grid, not the shared one."""
+  from jaxtele.errors import JaxteleError
+  from jaxtele.sweep import first_stage, load_sweep
+  from jaxtele.sweep_summary import edges
+
+  path = workdir / "grids.py"
+  body = ("def get_sweep(arg=''):\n  return {'root': 'r', 'recipe': 'x.py', 'arms': {'full': {}, 'lora': {}},\n"
+          "          'grid': {'optimizer.lr': [1e-3, 3e-3]}, 'select': {'metric': 'm'},\n"
+          "          'grids': {'lora' if not arg else arg: {'optimizer.lr': [1e-2, 3e-2, 1e-1]}}}\n")
+  path.write_text(body)
+  sweep = load_sweep(str(path))
+  names = [(p["arm"], p["name"]) for p in first_stage(sweep)]
+  assert names == [("full", "lr=0.001,seed=0"), ("full", "lr=0.003,seed=0"), ("lora", "lr=0.01,seed=0"),
+                   ("lora", "lr=0.03,seed=0"), ("lora", "lr=0.1,seed=0")]
+  assert edges(sweep, {"optimizer.lr": 3e-2}, "lora") == []  # the middle of lora's grid
+  assert edges(sweep, {"optimizer.lr": 3e-3}, "full") == ["optimizer.lr"]
+  with pytest.raises(JaxteleError, match="grids names 'lorra', not an arm"):
+    load_sweep(f"{path}:lorra")

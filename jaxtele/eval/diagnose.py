@@ -230,10 +230,12 @@ def add_rho(rows: list[dict], model, graphdef, params, frozen, tuned: dict, batc
   return reached / total if total else None
 
 
-def diagnose(run_dir: str, base_src: str | None = None, k: int = 10, eps: float = 0.5, energy: float = 0.9) -> dict:
+def diagnose(run_dir: str, base_src: str | None = None, k: int = 10, eps: float = 0.5, energy: float = 0.9,
+             step: int | None = None) -> dict:
+  """The diagnostics of the run's checkpoint at `step` (default: the latest)."""
   from flax import nnx
 
-  cfg, graphdef, params, frozen, tokenizer = load(run_dir)
+  cfg, graphdef, params, frozen, tokenizer = load(run_dir, step)
   model = nnx.merge(graphdef, params, frozen)
   tuned, base, max_rank = tuned_and_base(cfg, model, base_src)
   rows = compare(base, tuned, k, eps, energy, max_rank)
@@ -282,13 +284,14 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=10, help="top singular vectors checked for intruders")
   p.add_argument("--eps", type=float, default=0.5, help="intruder threshold on |cosine similarity|")
   p.add_argument("--energy", type=float, default=0.9, help="energy fraction for the effective rank")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step to diagnose (default: the latest)")
   a = p.parse_args(argv)
   if not os.path.isdir(a.run_dir):
     raise JaxteleError(f"{a.run_dir}: no such run directory")
   kind = source.resolve(a.run_dir, flags=source.Flags("RUN_DIR")).kind
   if kind != "run":
     raise JaxteleError(f"{a.run_dir}: a {kind} source, not a run directory (diagnose compares a run to its base)")
-  result = diagnose(a.run_dir, a.base, a.k, a.eps, a.energy)
+  result = diagnose(a.run_dir, a.base, a.k, a.eps, a.energy, a.step)
   out = a.out or RunDir(a.run_dir).file(DIAGNOSTICS)
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
