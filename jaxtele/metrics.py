@@ -184,7 +184,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     if self.bar is None:
-      self.bar = Progress("train", total, "steps", every=0, first=first)
+      self.bar = Progress("train", total, "steps", every=0, first=first, start=self.start)
     parts = []
     for key, fmt in ((TRAIN_LOSS, "loss {:.4f}"), (TRAIN_LR, "lr {:.2e}"), (GRAD_NORM, "gnorm {:.3f}"),
                      (train_key("tokens_per_s"), "{:,.0f} tok/s"), (train_key("mfu"), "MFU {:.1%}"),

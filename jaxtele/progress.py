@@ -15,10 +15,12 @@ class Progress:
   `rate=False` leaves the rate out (a sweep's points, hours apart, have none worth printing)."""
 
   def __init__(self, task: str, total: int | None, unit: str = "items", every: float = 2.0, stream=None,
-               first: int = 0, rate: bool = True):
+               first: int = 0, rate: bool = True, start: float | None = None):
     self.task, self.total, self.unit, self.every, self.first, self.rate = task, total, unit, every, first, rate
     self.stream = stream or sys.stderr
-    self.start = self.last = time.time()
+    # start: when counting began (a bar made at its first report would divide by ~0 s)
+    self.last = time.time()
+    self.start = self.last if start is None else start
 
   def __call__(self, done: int, note: str = ""):
     now = time.time()
