@@ -292,12 +292,16 @@ def main(argv=None):
   if kind != "run":
     raise JaxteleError(f"{a.run_dir}: a {kind} source, not a run directory (diagnose compares a run to its base)")
   result = diagnose(a.run_dir, a.base, a.k, a.eps, a.energy, a.step)
-  out = a.out or RunDir(a.run_dir).file(DIAGNOSTICS)
+  write_result(result, a.out or RunDir(a.run_dir).file(DIAGNOSTICS), table)
+  return 0
+
+
+def write_result(result: dict, out: str, table) -> None:
+  """A diagnostic CLI's ending: the JSON beside the run, its table on stdout, where it went on stderr."""
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
   print(table(result))
   print(f"wrote {out}", file=sys.stderr)
-  return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the forgetting and not the learning, lambda -> 0 lowers the source / general los
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,8 @@ import numpy as np
 
 from jaxtele.errors import JaxteleError, cli
 from jaxtele.eval import reach
-from jaxtele.eval.diagnose import intruder_similarity
+from jaxtele.eval.diagnose import intruder_similarity, write_result
+from jaxtele.run import RunDir
 
 
 def scale_intruders(base_IO: np.ndarray, tuned_IO: np.ndarray, lam: float, k: int = 10,
@@ -118,11 +118,7 @@ def main(argv=None):
   if not lambdas or any(not 0.0 <= x <= 1.0 for x in lambdas):
     raise JaxteleError(f"--lambdas: each scale must be in [0, 1], got {a.lambdas!r}")
   result = lambda_test(a.run_dir, lambdas, a.k, a.eps, a.step, a.base)
-  out = a.out or os.path.join(a.run_dir, "intruder_scale.json")
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(table(result))
-  print(f"wrote {out}", file=sys.stderr)
+  write_result(result, a.out or RunDir(a.run_dir).file("intruder_scale.json"), table)
   return 0
 
 
