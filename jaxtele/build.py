@@ -12,13 +12,16 @@ from flax import nnx
 from jaxtele import convert, source
 from jaxtele.accelerator import resolve_base_dtype, resolve_dtype
 from jaxtele.data.byte_tokenizer import byte_tokenizer
-from jaxtele.errors import JaxteleError
-from jaxtele.models.attention import resolve_attention
+from jaxtele.errors import JaxteleError, config_keys
 from jaxtele.models.adapters import VARIANTS
 from jaxtele.models.config import ModelConfig
-from jaxtele.models.decoder import Decoder, init_model
-from jaxtele.models.lora import (QUANTIZERS, add_lora, check_extra, extra_pattern, merge_lora, quantize_base,
-                                 trainable_filter)
+from jaxtele.models.decoder import Decoder, init_model, model_attention
+from jaxtele.models.lora import (EMBED, HEAD, QUANTIZERS, add_lora, check_extra, extra_pattern, merge_lora,
+                                 quantize_base, trainable_filter)
+
+# The model package names its arguments in errors; these are the config keys they come from.
+LORA_KEYS = dict(rank="lora.rank", targets="lora.targets", variant="lora.variant", dropout="lora.dropout",
+                 mode="train.mode", extra="lora.extra_trainable")
 
 
 def runtime(mcfg) -> dict:
@@ -42,10 +45,8 @@ def model_config(mcfg) -> ModelConfig:
 def resolved_attention(cfg: ModelConfig, backend: str | None = None) -> str:
   """The implementation `cfg.attention` runs on this backend, decided once, before any trace; one that the
   backend cannot run is refused as `config: model.attention: ...`."""
-  windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w]
   try:
-    return resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim, windows[0] if windows else None, backend,
-                             softcap=cfg.attn_softcap)
+    return model_attention(cfg, backend)
   except JaxteleError as e:
     raise JaxteleError(f"config: model.attention: {e}") from None
 
@@ -92,11 +93,28 @@ def build_model(cfg, weights: bool = True) -> Decoder:
   if adapter_dir:
     load_adapter(model, adapter_dir)
   else:
-    add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora, variant=variant,
-             dropout=lc.dropout)
+    with config_keys(**LORA_KEYS):
+      add_lora(model, lc.rank, lc.alpha, lc.targets, seed=cfg.seed, rslora=lc.rslora, variant=variant,
+               dropout=lc.dropout)
   if after:
     quantize()
   return model
+
+
+def saved_modules(lora_cfg, tied: bool) -> list[str]:
+  """The whole base modules a LoRA run trains by name (PEFT's `modules_to_save`). A tied head IS the
+  embedding: asking for either trains that one tensor, never an untied copy."""
+  out = []
+  if lora_cfg.get("train_embeddings", False) or (tied and lora_cfg.get("train_head", False)):
+    out.append(EMBED)
+  if lora_cfg.get("train_head", False) and not tied:
+    out.append(HEAD)
+  return out
+
+
+def lora_extra(lora_cfg, tied: bool) -> str:
+  """The regex of base parameters a LoRA run trains: `lora.extra_trainable` and the saved modules."""
+  return extra_pattern(lora_cfg.get("extra_trainable", ""), saved_modules(lora_cfg, tied))
 
 
 def split_model(model: Decoder, cfg):
@@ -107,9 +125,11 @@ def split_model(model: Decoder, cfg):
   (`auto`: the compute dtype on GPU/TPU, fp32 on CPU).
   Other frozen state (NF4 codes and scales, PiSSA's initial factors) keeps its dtype.
   """
-  extra = extra_pattern(cfg.lora, model.config.tie_word_embeddings) if cfg.train.mode == "lora" else ""
-  check_extra(model, cfg.lora.extra_trainable if cfg.train.mode == "lora" else "")
-  graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.mode, extra), ...)
+  lora = cfg.train.mode == "lora"
+  with config_keys(**LORA_KEYS):
+    check_extra(model, cfg.lora.extra_trainable if lora else "")
+    trains = trainable_filter(cfg.train.mode, lora_extra(cfg.lora, model.config.tie_word_embeddings) if lora else "")
+  graphdef, trainable, frozen = nnx.split(model, trains, ...)
   base = resolve_base_dtype(cfg.lora.base_dtype, cfg.model.dtype)
   base_dtype = jnp.dtype(base) if cfg.train.mode == "lora" else None
   params = jax.tree.map(lambda x: cast(x, jnp.float32), nnx.to_pure_dict(trainable))

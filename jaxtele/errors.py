@@ -1,5 +1,6 @@
 """One error type for bad user input, and the CLI wrapper that turns it into one line."""
 
+import contextlib
 import functools
 import os
 import sys
@@ -7,6 +8,26 @@ import sys
 
 class JaxteleError(ValueError):
   """Bad input (file, key, shape, id...). The message is one line that names the culprit."""
+
+
+class ArgumentError(JaxteleError):
+  """A library function's argument `name` is bad. The library knows no config: a caller that took the value
+  from a config key renames it under `config_keys`."""
+
+  def __init__(self, name: str, detail: str):
+    self.name, self.detail = name, detail
+    super().__init__(f"{name}: {detail}")
+
+
+@contextlib.contextmanager
+def config_keys(**keys: str):
+  """Inside: an ArgumentError about argument `a` is raised again as one about config key `keys[a]`."""
+  try:
+    yield
+  except ArgumentError as e:
+    if e.name not in keys:
+      raise
+    raise JaxteleError(f"{keys[e.name]}: {e.detail}") from None
 
 
 def cli(main):

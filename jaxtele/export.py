@@ -102,8 +102,7 @@ def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str
 
 def run_lora_info(cfg) -> dict:
   """What an adapter export of a run needs: rsLoRA, and the whole modules it trained (PEFT modules_to_save)."""
-  from jaxtele.build import model_config
-  from jaxtele.models.lora import saved_modules
+  from jaxtele.build import model_config, saved_modules
 
   wants = cfg.lora.train_embeddings or cfg.lora.train_head
   tied = model_config(cfg.model).tie_word_embeddings if wants else False

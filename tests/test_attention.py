@@ -144,3 +144,24 @@ def test_resolve_attention():
               ("cudnn", bf16, 64, None, "tpu")]:
     with pytest.raises(JaxteleError):
       resolve_attention(*bad[:4], backend=bad[4])
+
+
+def test_auto_is_decided_when_the_model_is_built_never_in_a_trace(monkeypatch):
+  """A Decoder built outside `build` (no config layer) settles `auto` at construction; its trace asks nothing."""
+  from jaxtele.models import attention as attention_module
+  from jaxtele.models.config import ModelConfig
+  from jaxtele.models.decoder import init_model
+
+  cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, attention="auto")
+  model = init_model(cfg)
+  assert model.config.attention == "xla"  # this CPU; the GPU/TPU choices are test_resolve_attention's
+  calls = []
+  real = attention_module.resolve_attention
+  monkeypatch.setattr(attention_module, "resolve_attention", lambda impl, *a, **k: calls.append(impl) or real(impl, *a, **k))
+  model(jnp.zeros((1, 4), jnp.int32))
+  assert "auto" not in calls
+  with pytest.raises(JaxteleError, match="impl='auto' reached a trace"):
+    attention(*inputs(2, "float32")[:3], jnp.asarray(SEGMENTS), impl="auto")
+  with pytest.raises(JaxteleError, match="^remat: unknown policy 'sometimes'"):
+    init_model(cfg.replace(remat="sometimes"))

@@ -11,8 +11,8 @@ from flax import nnx
 from jaxtele.convert import hf, load_pretrained
 from jaxtele.convert.peft import load_adapter, read_config, save_adapter
 from jaxtele.errors import JaxteleError
-from jaxtele.models.lora import (add_lora, check_extra, extra_pattern, lora_paths, merge_lora, saved_modules,
-                                 trainable_filter, trainable_table)
+from jaxtele.build import lora_extra, saved_modules
+from jaxtele.models.lora import add_lora, check_extra, lora_paths, merge_lora, trainable_filter, trainable_table
 from jaxtele.optimizer import make_optimizer
 from jaxtele.step import init_state, make_train_step
 
@@ -107,7 +107,7 @@ def test_embedding_lr_and_table_and_unmatched_extra():
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                     head_dim=8, tie_word_embeddings=True)
   lora_cfg = ml_collections.ConfigDict({"train_head": True, "extra_trainable": ""})
-  extra = extra_pattern(lora_cfg, tied=True)
+  extra = lora_extra(lora_cfg, tied=True)
   model = init_model(cfg)
   add_lora(model, 4, 8.0)
   graphdef, params, frozen = nnx.split(model, trainable_filter("lora", extra), ...)
@@ -134,7 +134,7 @@ def test_embedding_lr_and_table_and_unmatched_extra():
   d_b = np.abs(np.asarray(path(new["params"]) - path(params)))
   assert d_b.size and (d_b > 0).mean() > 0.9
   np.testing.assert_allclose(d_b[d_b > 0], 1e-3, rtol=1e-4)
-  with pytest.raises(JaxteleError, match="lora.extra_trainable: 're_nothing' matches no parameter"):
+  with pytest.raises(JaxteleError, match="^extra: 're_nothing' matches no parameter"):  # the run names its key
     check_extra(model, "re_nothing")
 
 

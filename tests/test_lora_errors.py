@@ -94,3 +94,27 @@ def test_export_cli_imports_a_peft_adapter(two_bases, tmp_path, make_hf_model, h
                       str(two_bases / "other"), "--out", str(tmp_path / "bad")], capture_output=True, text=True,
                      timeout=300)
   assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.parametrize("override,argument,key", [
+    ("--config.lora.targets=no_such_proj", "targets: no linear layer named 'no_such_proj'", "lora.targets"),
+    ("--config.lora.targets=re:nothing\\..*", "targets: 're:nothing\\\\..*' selects no linear layer", "lora.targets"),
+    ("--config.lora.extra_trainable=nothing_here", "extra: 'nothing_here' matches no parameter", "lora.extra_trainable"),
+])
+def test_the_model_package_names_its_argument_and_the_build_names_the_config_key(tiny, override, argument, key):
+  """models/ knows no config: its error names the argument; build_model maps it to the key it came from."""
+  from jaxtele.build import build_model, split_model
+  from jaxtele.models.decoder import init_model
+  from jaxtele.models.lora import check_extra
+
+  cfg = tiny("--config.train.mode=lora", "--config.lora.rank=4", override)
+  with pytest.raises(JaxteleError) as e:
+    split_model(build_model(cfg), cfg)
+  assert str(e.value).startswith(f"{key}: {argument.split(': ', 1)[1]}")
+  direct = init_model(build_model(tiny()).config)
+  with pytest.raises(JaxteleError) as e:
+    if argument.startswith("extra"):
+      check_extra(direct, cfg.lora.extra_trainable)
+    else:
+      add_lora(direct, 4, 8.0, targets=cfg.lora.targets)
+  assert str(e.value).startswith(argument) and "lora." not in str(e.value)

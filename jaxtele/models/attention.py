@@ -2,8 +2,9 @@
 
 Every attention call in the project goes through `attention()`, which dispatches to an implementation:
 `xla` (the reference below, fp32 scores [B, K, G, T, S]), `cudnn` (cuDNN flash attention), `pallas`
-(Triton flash attention on GPU, splash on TPU, either interpreted on CPU) or `auto` (the fastest one that
-honours the contract on this backend; `resolve_attention` says which). The contract: causal, within one
+(Triton flash attention on GPU, splash on TPU, either interpreted on CPU). A config's `auto` (the fastest one
+that honours the contract on this backend; `resolve_attention` says which) is decided once, when a Decoder is
+built, never in a trace. The contract: causal, within one
 segment, never onto padding (segment 0); outputs at padding positions are unspecified but finite.
 Soft-capping (Gemma 2: scores -> tanh(scores / cap) * cap before masking) only `xla` implements; the fused
 kernels refuse it, and `auto` picks `xla` for it. Under a mesh context (`jax.set_mesh`) the fused kernels run
@@ -110,9 +111,10 @@ def pallas_kernel(backend: str, sliding_window=None) -> str:
 
 def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, sliding_window=None, impl="xla", softcap=None):
   """Grouped-query attention: N query heads share K kv heads in groups of G = N // K."""
-  H = q_BTNH.shape[-1]
+  if impl == "auto":  # a Decoder decides `auto` once, at construction (decoder.settled); a trace never does
+    raise JaxteleError("attention: impl='auto' reached a trace; pass xla, cudnn or pallas (decoder.settled decides)")
   backend = jax.default_backend()
-  impl = resolve_attention(impl, q_BTNH.dtype, H, sliding_window, backend, softcap)
+  resolve_attention(impl, q_BTNH.dtype, q_BTNH.shape[-1], sliding_window, backend, softcap)  # refuses what cannot run
   if impl == "cudnn":
     # Per shard, like Pallas: cuDNN's own partitioning rules are not relied on for heads that do not split.
     kernel = functools.partial(cudnn.cudnn_attention, sliding_window=sliding_window)

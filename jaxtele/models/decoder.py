@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtele.errors import JaxteleError
+from jaxtele.errors import ArgumentError, JaxteleError
 from jaxtele.models import adapters, scan
-from jaxtele.models.attention import apply_rope, attention, cached_attention, rope_inv_freq
+from jaxtele.models.attention import apply_rope, attention, cached_attention, resolve_attention, rope_inv_freq
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.layers import ACTIVATIONS, Embed, Linear, RMSNorm
 
@@ -36,12 +36,27 @@ HOST_OFFLOAD_REMAT = ("offload_dots",)  # the policies that need a GPU or TPU
 
 
 def remat(layer_call, policy: str):
-  """A layer's forward under a rematerialisation policy (a name of `REMAT`)."""
-  if policy not in REMAT:
-    raise JaxteleError(f"unknown remat policy {policy!r} (choose from {', '.join(REMAT_POLICIES)})")
+  """A layer's forward under a rematerialisation policy (a name of `REMAT`, checked by `settled`)."""
   if policy == "none":
     return layer_call
   return nnx.remat(layer_call, policy=REMAT[policy])
+
+
+def model_attention(cfg: ModelConfig, backend: str | None = None) -> str:
+  """The attention implementation `cfg.attention` runs on this backend (models/attention.resolve_attention)."""
+  windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w]
+  return resolve_attention(cfg.attention, cfg.dtype, cfg.head_dim, windows[0] if windows else None, backend,
+                           softcap=cfg.attn_softcap)
+
+
+def settled(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` as a Decoder runs it: the remat policy checked and `auto` attention decided for this backend, once,
+  at construction, so that no trace asks the backend or meets an unknown name. (build.model_config settles a
+  run's config first, naming its keys.) Explicit attention names pass through: a run trained with `cudnn` still
+  loads on a CPU, and `attention()` refuses it there when traced."""
+  if cfg.remat not in REMAT:
+    raise ArgumentError("remat", f"unknown policy {cfg.remat!r} (choose from {', '.join(REMAT_POLICIES)})")
+  return cfg.replace(attention=model_attention(cfg)) if cfg.attention == "auto" else cfg
 
 
 def norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
@@ -164,6 +179,7 @@ class Decoder(nnx.Module):
   """tokens, positions, segment_ids [B, T] int32 -> logits [B, T, V] (compute dtype)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    cfg = settled(cfg)
     self.config = cfg
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               rngs=rngs, scale=math.sqrt(cfg.hidden_size) if cfg.embed_scale else None)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtele.errors import JaxteleError
+from jaxtele.errors import ArgumentError, JaxteleError
 from jaxtele.models import leaves
 from jaxtele.models.adapters import SLOT, VARIANTS, scaling
 from jaxtele.models.decoder import Decoder
@@ -51,10 +51,10 @@ def target_paths(model: Decoder, targets) -> list[tuple]:
     names = {t.strip() for t in targets.split(",") if t.strip()}
     unknown = names - {str(p[-1]) for p in found}
     if unknown:
-      raise JaxteleError(f"lora.targets: no linear layer named {sorted(unknown)[0]!r}")
+      raise ArgumentError("targets", f"no linear layer named {sorted(unknown)[0]!r}")
     chosen = [p for p in found if p[-1] in names]
   if not chosen:
-    raise JaxteleError(f"lora.targets: {targets!r} selects no linear layer")
+    raise ArgumentError("targets", f"{targets!r} selects no linear layer")
   return chosen
 
 
@@ -65,11 +65,11 @@ def add_lora(model: Decoder, rank: int, alpha: float, targets=ALL_LINEAR, seed: 
              variant: str = "lora", dropout: float = 0.0, name: str = DEFAULT) -> list[tuple]:
   """Attach adapter `name` in place (and make it active); returns the adapted module paths."""
   if rank <= 0:
-    raise JaxteleError(f"lora.rank: must be positive, got {rank}")
+    raise ArgumentError("rank", f"must be positive, got {rank}")
   if variant not in VARIANTS:
-    raise JaxteleError(f"lora.variant: unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    raise ArgumentError("variant", f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
   if not 0.0 <= dropout < 1.0:
-    raise JaxteleError(f"lora.dropout: must be in [0, 1), got {dropout}")
+    raise ArgumentError("dropout", f"must be in [0, 1), got {dropout}")
   paths = target_paths(model, targets)
   key = jax.random.key(seed)
   modules = linears(model)
@@ -127,7 +127,7 @@ def trainable_filter(mode: str, extra: str = ""):
   if mode == "full":
     return nnx.Param
   if mode != "lora":
-    raise JaxteleError(f"train.mode: unknown mode {mode!r} (choose from full, lora)")
+    raise ArgumentError("mode", f"unknown mode {mode!r} (choose from full, lora)")
   if not extra:
     return nnx.LoRAParam
   pattern = re.compile(extra)
@@ -203,26 +203,15 @@ def strip_adapters(model: Decoder) -> Decoder:
   return model
 
 
-# --- Base modules trained beside the adapters: embeddings, head, anything `extra_trainable` names. ---
+# --- Base modules trained beside the adapters: embeddings, head, anything an `extra` regex names. ---
 
 EMBED, HEAD = "embed_tokens", "lm_head"
 
 
-def saved_modules(lora_cfg, tied: bool) -> list[str]:
-  """The whole base modules a LoRA run trains by name (PEFT's `modules_to_save`). A tied head IS the
-  embedding: asking for either trains that one tensor, never an untied copy."""
-  out = []
-  if lora_cfg.get("train_embeddings", False) or (tied and lora_cfg.get("train_head", False)):
-    out.append(EMBED)
-  if lora_cfg.get("train_head", False) and not tied:
-    out.append(HEAD)
-  return out
-
-
-def extra_pattern(lora_cfg, tied: bool) -> str:
-  """One regex over dotted parameter paths: `lora.extra_trainable` plus the named embeddings / head."""
-  parts = [lora_cfg.get("extra_trainable", "") or ""]
-  for m in saved_modules(lora_cfg, tied):
+def extra_pattern(extra: str = "", modules=()) -> str:
+  """One regex over dotted parameter paths: the `extra` regex plus the whole modules named (EMBED, HEAD)."""
+  parts = [extra or ""]
+  for m in modules:
     parts.append(r"^embed_tokens\.embedding$" if m == EMBED else r"^lm_head\.(kernel|bias)$")
   return "|".join(f"(?:{p})" for p in parts if p)
 
@@ -231,10 +220,10 @@ def param_paths(model) -> list[str]:
   return [module_name(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
-def check_extra(model, extra: str, key: str = "lora.extra_trainable"):
+def check_extra(model, extra: str):
   """A requested extra that selects no parameter is an error, not a run that silently trains adapters only."""
   if extra and not any(re.search(extra, p) for p in param_paths(model)):
-    raise JaxteleError(f"{key}: {extra!r} matches no parameter of this model")
+    raise ArgumentError("extra", f"{extra!r} matches no parameter of this model")
 
 
 def group_of(path: str) -> str:
