@@ -83,21 +83,25 @@ def write(model, fmt: str, folder: str, *, tokenizer=None, dtype=None, lora=None
     raise JaxteleError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
 
-def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype) -> str:
-  """The HF base a PEFT adapter of this run sits on: the source folder when it is one and only the
-  adapters trained; else the run's base written to `folder` (with any trained extra modules)."""
+@contextlib.contextmanager
+def adapter_base(cfg, graphdef, params, frozen, folder, tokenizer, dtype):
+  """Yield (where the base will be, where it is now) for a PEFT adapter of this run: the source folder when it
+  is an HF one and only the adapters trained; else the run's base (with any trained extra modules), written to
+  a temporary sibling of `folder` that replaces it only when the block succeeds, so a refused or failed export
+  leaves an earlier base as it was."""
   from flax import nnx
 
   from jaxtele.models.lora import strip_adapters
 
   src = cfg.model.source
   if src and model_source.resolve(src).kind == "hf" and not cfg.lora.extra_trainable:
-    return os.path.abspath(src)
-  # The original base: a PiSSA residual gets its top-R part back; an NF4 base is written dequantized.
-  base = strip_adapters(nnx.merge(graphdef, params, frozen))
+    yield os.path.abspath(src), os.path.abspath(src)
+    return
   with atomic_output_dir(folder, overwrite=True) as tmp:
+    # The original base: a PiSSA residual gets its top-R part back; an NF4 base is written dequantized.
+    base = strip_adapters(nnx.merge(graphdef, params, frozen))
     write(base, "hf", tmp, tokenizer=tokenizer, dtype=dtype, dequantize=True)
-  return os.path.abspath(folder)
+    yield os.path.abspath(folder), tmp
 
 
 def run_lora_info(cfg) -> dict:
@@ -130,14 +134,14 @@ def export_run(cfg, graphdef, params, frozen, tokenizer, log=print, root=None, v
   ref = certify.Reference(nnx.merge(graphdef, params, frozen), tokenizer, certify.probe_text(cfg)) \
       if verify and jobs else None
   for name, fmt in jobs:
-    base = adapter_base(cfg, graphdef, params, frozen, os.path.join(root, "base"), tokenizer, dtype) \
-        if fmt == "adapter" else ""
-    with atomic_output_dir(os.path.join(root, name), overwrite=True) as tmp:
+    beside = adapter_base(cfg, graphdef, params, frozen, os.path.join(root, "base"), tokenizer, dtype) \
+        if fmt == "adapter" else contextlib.nullcontext(("", ""))
+    with atomic_output_dir(os.path.join(root, name), overwrite=True) as tmp, beside as (base, base_now):
       model = nnx.merge(graphdef, params, frozen)
       write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=base, dequantize=dequantize)
       # The run's resolved config travels with the weights: evaluation prompts with its SFT template.
       write_record(tmp, cfg)
-      certify.verify(tmp, fmt, ref, model, dtype=dtype, base=base, log=log)
+      certify.verify(tmp, fmt, ref, model, dtype=dtype, base=base_now, log=log)
     written[name] = os.path.join(root, name)
     log(f"exported {name}: {written[name]}")
   return written
@@ -164,25 +168,26 @@ def export(source: str, out: str, fmt: str = "hf", dtype: str | None = None, ove
 
     if quant not in QUANTS:
       raise JaxteleError(f"--quant: cannot write {quant!r} (choose from {', '.join(QUANTS)})")
-  lora, adapter_on, cfg = None, "", None
+  lora, cfg, beside = None, None, contextlib.nullcontext(("", ""))
   if select:
     step = frontier.select_step(source, select, step)
   m = model_source.load(model_source.resolve(source, step, base))
   model, tokenizer = m.model, m.tokenizer
   if m.kind == "peft":
-    lora, adapter_on = adapter_info(source), m.base
+    lora, beside = adapter_info(source), contextlib.nullcontext((m.base, m.base))
   elif m.kind == "run":
     cfg = m.run_cfg
     lora = run_lora_info(cfg)
     if fmt == "adapter" and cfg.train.mode == "lora":
       # Beside the adapter, not inside it: `out` is replaced as a whole.
-      adapter_on = adapter_base(cfg, m.graphdef, m.params, m.frozen, out.rstrip("/") + "-base", tokenizer,
-                                dtype or cfg.model.param_dtype)
+      beside = adapter_base(cfg, m.graphdef, m.params, m.frozen, out.rstrip("/") + "-base", tokenizer,
+                            dtype or cfg.model.param_dtype)
   ref = certify.Reference(model, tokenizer, certify.probe_text(cfg)) if verify else None  # before any merge
-  with atomic_output_dir(out, overwrite) as tmp:
+  # `out` is refused (exists, no --overwrite) before a base is written; both are renamed in only on success.
+  with atomic_output_dir(out, overwrite) as tmp, beside as (adapter_on, base_now):
     write(model, fmt, tmp, tokenizer=tokenizer, dtype=dtype, lora=lora, base=adapter_on, dequantize=dequantize,
           quant=quant)
-    certify.verify(tmp, fmt, ref, model, dtype=dtype, quant=quant, base=adapter_on)
+    certify.verify(tmp, fmt, ref, model, dtype=dtype, quant=quant, base=base_now)
   print(f"exported {source} -> {out} ({fmt}{', base ' + adapter_on if adapter_on else ''})")
 
 

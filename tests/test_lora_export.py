@@ -105,6 +105,26 @@ def test_export_from_a_run_directory_matches_the_end_of_run_export(tmp_path, hf_
   np.testing.assert_allclose(hf_logits(adapted, tokens), hf_logits(merged, tokens), atol=1e-4)
 
 
+def test_a_refused_adapter_export_writes_no_base_and_leaves_an_earlier_one(tmp_path, lora_export_run):
+  """An adapter export whose output exists (no --overwrite) is refused before its base is written: no
+  `OUT-base` appears, and an earlier one, which an existing adapter points at, keeps its bytes."""
+  from jaxtele.errors import JaxteleError
+  from jaxtele.export import export
+
+  out = tmp_path / "taken"
+  out.mkdir()
+  with pytest.raises(JaxteleError, match="already exists"):
+    export(str(lora_export_run), str(out), "adapter", verify=False)
+  assert not (tmp_path / "taken-base").exists() and list(out.iterdir()) == []
+  earlier = tmp_path / "taken-base"
+  earlier.mkdir()
+  (earlier / "config.json").write_text("{}")
+  with pytest.raises(JaxteleError, match="already exists"):
+    export(str(lora_export_run), str(out), "adapter", verify=False)
+  assert [p.name for p in earlier.iterdir()] == ["config.json"] and (earlier / "config.json").read_text() == "{}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "taken-base"]  # no temporary folder left
+
+
 def test_jaxtele_format_round_trip(tmp_path, make_hf_model, hf_logits):
   from jaxtele.export import export
 

@@ -17,7 +17,7 @@ from jaxtele.data.pieces import DocumentPieces
 from jaxtele.data.sources import make_source
 from jaxtele.data.tokenize import DocTokenizer
 from jaxtele.errors import JaxteleError
-from jaxtele.schema import BOOL, NONNEG, POSITIVE, TUPLE, Rule, choice, defaults
+from jaxtele.schema import BOOL, NONNEG, POSITIVE, TUPLE, Rule, choice, defaults, rules
 
 FORMATS = ("text", "tokens", "sft")
 
@@ -68,17 +68,16 @@ def has_pairs(ex) -> bool:
 
 
 def validate(cfg, where="data"):
-  if cfg.format not in FORMATS:
-    raise JaxteleError(f"{where}.format: unknown format {cfg.format!r} (choose from {', '.join(FORMATS)})")
-  if cfg.packing not in PACKINGS:
-    raise JaxteleError(f"{where}.packing: unknown packing {cfg.packing!r} (choose from {', '.join(PACKINGS)})")
+  """A data config, built by a recipe or in code, against `schema()`'s rules: one line naming `where.KEY`.
+
+  A key the config lacks takes its default; a list of sources counts as the tuple it stands for.
+  """
+  for key, rule in rules(schema()).items():
+    if key in cfg:
+      value = cfg[key]
+      rule.check(f"{where}.{key}", tuple(value) if isinstance(value, list) else value)
   if not cfg.sources:
-    raise JaxteleError(f"{where}.sources: no data sources configured")
-  if cfg.format == "sft" and cfg.sft_template not in sft.TEMPLATES:
-    raise JaxteleError(f"{where}.sft_template: unknown template {cfg.sft_template!r}")
-  for key in ("seq_len", "batch_size"):
-    if cfg[key] <= 0:
-      raise JaxteleError(f"{where}.{key}: must be positive, got {cfg[key]}")
+    raise JaxteleError(f"config: {where}.sources: no data sources configured")
 
 
 def open_sources(cfg, where="data"):

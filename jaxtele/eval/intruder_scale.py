@@ -43,14 +43,7 @@ def score(graphdef, params, frozen, kernels: dict, eval_sets: dict, max_batches:
 
   from jaxtele.step import loss_sums
 
-  model = nnx.merge(graphdef, params, frozen)
-  for path, lin in reach.layer_linears(model).items():
-    if path in kernels:
-      lin.kernel = nnx.Param(jnp.asarray(kernels[path], jnp.float32))
-      lin.quant = nnx.data(None)
-      lin.adapters = nnx.Dict()
-      lin.active = None
-  g_def, weights, rest = nnx.split(model, nnx.Param, ...)
+  g_def, weights, rest = nnx.split(reach.plain_model(graphdef, params, frozen, kernels), nnx.Param, ...)
   step = jax.jit(lambda w, b: loss_sums(g_def, w, rest, b))
   out = {}
   for name, ds in eval_sets.items():

@@ -93,6 +93,18 @@ def factors(model) -> dict:
   return out
 
 
+def plain_model(graphdef, params, frozen, kernels: dict):
+  """The model with the layers in `kernels` ({path: W_IO}) replaced by plain float weights: no adapter, no NF4."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  model = nnx.merge(graphdef, params, frozen)
+  for path, lin in layer_linears(model).items():
+    if path in kernels:
+      lin.make_plain(jnp.asarray(kernels[path], jnp.float32))
+  return model
+
+
 def kernel_gradients(graphdef, params, frozen, batch, tuned: dict) -> dict:
   """{path: G_IO = dL/dW} at the effective kernels `tuned` ({path: W_IO}), for the mean NLL of `batch`: the
   model rebuilt with those kernels as plain (adapter-free, float) weights, so the gradient is the full-weight
@@ -103,14 +115,7 @@ def kernel_gradients(graphdef, params, frozen, batch, tuned: dict) -> dict:
 
   from jaxtele.step import loss_sums
 
-  model = nnx.merge(graphdef, params, frozen)
-  for path, lin in layer_linears(model).items():
-    if path in tuned:
-      lin.kernel = nnx.Param(jnp.asarray(tuned[path], jnp.float32))
-      lin.quant = nnx.data(None)
-      lin.adapters = nnx.Dict()
-      lin.active = None
-  g_def, weights, rest = nnx.split(model, nnx.Param, ...)
+  g_def, weights, rest = nnx.split(plain_model(graphdef, params, frozen, tuned), nnx.Param, ...)
 
   def mean_nll(w):
     s, c = loss_sums(g_def, w, rest, batch)

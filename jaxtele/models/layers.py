@@ -49,6 +49,16 @@ class Linear(nnx.Module):
       return self.base_kernel(dtype)
     return adapter.merged_kernel(self.base_kernel(jnp.float32)).astype(dtype or self.dtype)
 
+  def drop_adapters(self):
+    self.adapters = nnx.Dict()
+    self.active = None
+
+  def make_plain(self, w_IO):
+    """This layer as a plain dense one holding `w_IO`: no adapter, no NF4 base."""
+    self.kernel = nnx.Param(w_IO)
+    self.quant = nnx.data(None)
+    self.drop_adapters()
+
   def __call__(self, x_BTI):
     x_BTI = x_BTI.astype(self.dtype)
     base_BTO = x_BTI @ self.base_kernel(self.dtype)

@@ -175,8 +175,7 @@ def merge_lora(model: Decoder, name: str | None = None, *, keep: bool = False, d
       merged = lin.adapters[chosen].merge_into(lin.kernel[...])
       lin.kernel = nnx.Param(merged)
     if not keep:
-      lin.adapters = nnx.Dict()
-      lin.active = None
+      lin.drop_adapters()
   return model
 
 
@@ -198,8 +197,7 @@ def strip_adapters(model: Decoder) -> Decoder:
       initial_IO = adapter.initial_delta()
       if initial_IO is not None:
         lin.kernel.set_value((lin.kernel[...].astype(jnp.float32) + initial_IO).astype(lin.kernel.dtype))
-    lin.adapters = nnx.Dict()
-    lin.active = None
+    lin.drop_adapters()
   return model
 
 

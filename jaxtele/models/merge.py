@@ -184,8 +184,7 @@ def fold_merge(model, names, weights, method: str = "linear", **kw):
       lin.kernel = nnx.Param((original_kernel(lin) + deltas[path]).astype(jnp.float32))
     elif initial_part(lin) is not None:
       lin.kernel = nnx.Param(original_kernel(lin))
-    lin.adapters = nnx.Dict()
-    lin.active = None
+    lin.drop_adapters()
   return model
 
 
