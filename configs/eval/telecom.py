@@ -19,10 +19,11 @@ def get_config():
   cfg.data_root = "../shared/data"
   cfg.out = "runs/eval/telecom"
   cfg.perplexity.sets = [
-      # The clauses `python -m jaxtele.data prepare` holds out (2% by clause id), read from the Markdown.
+      # The clauses `python -m jaxtele.data prepare --heldout-spec-fraction 0.1` holds out (2% by clause id, of
+      # the specs not held out whole), read from the Markdown: its split `eval`, clause for clause.
       # Always in full (its own sample: 1.0, whatever perplexity.sample says).
-      {"name": "3gpp_heldout", "sources": [{"type": "3gpp", "path": DATA + "/3gpp", "eval_fraction": 0.02}],
-       "format": "text", "sample": 1.0},
+      {"name": "3gpp_heldout", "sources": [{"type": "3gpp", "path": DATA + "/3gpp", "eval_fraction": 0.02,
+                                            "heldout_spec_fraction": 0.1}], "format": "text", "sample": 1.0},
       # Whole specs held out (prepare --heldout-spec-fraction 0.1: TS 23.502, 38.211, 38.214), scored per
       # perplexity.sample (on CPU, e.g. --config.perplexity.sample=0.05).
       {"name": "3gpp_heldout_spec", "sources": [{"type": "3gpp", "path": DATA + "/3gpp", "eval_fraction": 0.02,
