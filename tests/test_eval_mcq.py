@@ -23,6 +23,30 @@ def test_baselines_on_the_same_items_by_hand():
   assert b["baselines"]["longest"]["accuracy"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
   assert b["baselines"]["shortest"]["accuracy"] == pytest.approx((0 + 0 + 1 + 0.5) / 4)
   assert b["baselines"]["longest"]["ci95"] == pytest.approx(list(mcq.wilson(2, 4)))
+  # Answers by position: B, A, A, B -> always A (or B) hits 2 of 4; the raw picks B, B, A, A: half each.
+  assert b["baselines"]["fixed_position"]["position"] == "A"
+  assert b["baselines"]["fixed_position"]["accuracy"] == 2 / 4
+  assert b["most_picked"]["fraction"] == 2 / 4
+  lopsided = mcq.breakdown(records[:3], its[:3])  # answers B, A, A: always A hits 2 of 3; picks B, B, A
+  assert lopsided["baselines"]["fixed_position"] | {"ci95": None} == {
+      "position": "A", "accuracy": 2 / 3, "correct": 2, "items": 3, "ci95": None}
+  assert lopsided["most_picked"] == {"position": "B", "fraction": 2 / 3}
+
+
+def test_a_model_that_gives_one_answer_scores_the_fixed_letter_baseline_and_is_shown_as_such():
+  """Every pick C: the raw accuracy is the share of C answers, exactly the fixed-letter baseline for C, and the
+  results page says C was picked for 100% of the items."""
+  from jaxtele.eval.results_page import markdown
+
+  answers = [2, 0, 2, 1, 2, 3, 2, 0]
+  its = [{"options": ["w", "x", "y", "z"], "answer": a} for a in answers]
+  records = [{"pred": 2, "pred_norm": 2, "answer": a} for a in answers]
+  b = mcq.breakdown(records, its)
+  assert b["raw"]["accuracy"] == b["baselines"]["fixed_position"]["accuracy"] == 4 / 8
+  assert b["most_picked"] == {"position": "C", "fraction": 1.0}
+  page = markdown({"model": {"source": "m", "kind": "hf"}, "seconds": 1.0,
+                   "mcq": {"s": {"style": "letter", **b, "per_category": {}}}})
+  assert "| C: 0.500 [" in page and "| C for 100% |" in page
 
 
 # Hand-labelled from reading each question and its explanation: which body's standard it is about.

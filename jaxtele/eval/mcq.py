@@ -7,9 +7,11 @@
           when every letter is one token)
 
 Accuracy comes with a 95% Wilson interval beside trivial baselines on the same items (chance, always the longest
-option, always the shortest), overall, per category and per source tag.
+option, always the shortest, always the one best letter), overall, per category and per source tag, and with how
+concentrated the picks are (`most_picked`: a model that answers B to everything scores the share of B answers).
 """
 
+import collections
 import math
 
 import numpy as np
@@ -118,13 +120,33 @@ def baseline_hits(item: dict, pick: str) -> float:
   return (item["answer"] in tied) / len(tied)
 
 
+def fixed_position(items) -> dict:
+  """The best accuracy of always answering the same position (A, B, ...), chosen on these items: the most a model
+  that ignores the question can score. Carries the position's letter."""
+  width = max((len(it["options"]) for it in items), default=0)
+  return max((accuracy([float(it["answer"] == j) for it in items]) | {"position": LETTERS[j]} for j in range(width)),
+             key=lambda a: a["accuracy"], default=accuracy([]) | {"position": None})
+
+
+def most_picked(records) -> dict:
+  """How concentrated the raw picks are: the position picked most and the fraction of items it was picked for
+  (1.0: the same answer whatever the question)."""
+  counts = collections.Counter(r["pred"] for r in records)
+  if not counts:
+    return {"position": None, "fraction": 0.0}
+  j, n = counts.most_common(1)[0]
+  return {"position": LETTERS[j], "fraction": n / len(records)}
+
+
 def breakdown(records, items) -> dict:
-  """Accuracy (raw, normalised) and the baselines on the same items."""
+  """Accuracy (raw, normalised), the baselines on the same items and how spread the raw picks are."""
   return {"raw": accuracy([r["pred"] == r["answer"] for r in records]),
           "norm": accuracy([r["pred_norm"] == r["answer"] for r in records]),
           "baselines": {"chance": accuracy([1 / len(it["options"]) for it in items]),
                         "longest": accuracy([baseline_hits(it, "longest") for it in items]),
-                        "shortest": accuracy([baseline_hits(it, "shortest") for it in items])}}
+                        "shortest": accuracy([baseline_hits(it, "shortest") for it in items]),
+                        "fixed_position": fixed_position(items)},
+          "most_picked": most_picked(records)}
 
 
 def evaluate(model, doc_tok, items, template: str = DEFAULT_TEMPLATE, batch_size: int = 8, progress=None,

@@ -52,14 +52,17 @@ def markdown(results: dict) -> str:
     lines += breakdown_tables(results["perplexity"])
   if results.get("mcq"):
     lines += ["", "## Multiple choice (accuracy, 95% Wilson interval; baselines on the same items)", "",
-              "| set | style | slice | items | raw | length-normalised | chance | longest option | shortest option |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| set | style | slice | items | raw | length-normalised | chance | longest option | shortest option "
+              "| best fixed letter | most picked |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["mcq"].items():
       slices = [("all", r)] + [(f"category: {k}", v) for k, v in r["per_category"].items()]
       slices += [(f"tag: {k}", v) for k, v in r.get("per_tag", {}).items() if len(r["per_tag"]) > 1]
       for label, c in slices:
         base = c.get("baselines", {})
         cells = [_ci(base[k]) if k in base else "-" for k in ("chance", "longest", "shortest")]
+        fixed, picked = base.get("fixed_position"), c.get("most_picked")
+        cells.append(f"{fixed['position']}: {_ci(fixed)}" if fixed and fixed["position"] else "-")
+        cells.append(f"{picked['position']} for {picked['fraction']:.0%}" if picked and picked["position"] else "-")
         norm = _ci(c["norm"]) if r.get("style", "cloze") == "cloze" else "-"  # letters: nothing to normalise
         lines.append(f"| {name} | {r.get('style', 'cloze')} | {label} | {c['raw']['items']} | {_ci(c['raw'])} | "
                      f"{norm} | " + " | ".join(cells) + " |")
