@@ -1,6 +1,6 @@
 """The GPU suite's first process: environment probe and kernel checks, one row each (`benchmarks/device.py`).
 
-  python -m jaxtele.benchmarks.checks --out DIR [--smoke] [--fail NAME]
+  python -m jaxtele.benchmarks.checks --out DIR [--smoke] [--fail NAME] [--hang NAME]
 
 Every attention implementation at the real head shapes (SmolLM2: head dim 64, 9 query / 3 kv heads; Qwen2.5:
 128, 12 / 2) on packed GQA rows with padding, forward and gradients, against an fp32 reference written here
@@ -8,7 +8,8 @@ Every attention implementation at the real head shapes (SmolLM2: head dim 64, 9 
 precision; a run whose segment ids are erased must differ (the mask is honoured); the chunked loss against the
 plain one. Errors are max |x - ref| / max |ref| over real (non-padding) query rows, per output and gradient.
 A check that raises is recorded as failed with its message, and the next one runs. `--fail NAME` makes that
-check raise (to prove the suite records it). Rows go to DIR/rows/<name>.json the moment each finishes.
+check raise (to prove the suite records it), `--hang NAME` makes it hang (to prove the suite stops a hung
+kernel at its limit). Rows go to DIR/rows/<name>.json the moment each finishes.
 Legend: B batch, T length, N query heads, K kv heads, H head dim, D model dim, V vocab.
 """
 
@@ -187,7 +188,7 @@ def plan(smoke: bool):
   return checks
 
 
-def run_checks(out_dir: str, smoke: bool, fail: str = "", only: str = "") -> int:
+def run_checks(out_dir: str, smoke: bool, fail: str = "", only: str = "", hang: str = "") -> int:
   import jax
 
   from jaxtele.errors import JaxteleError
@@ -201,6 +202,8 @@ def run_checks(out_dir: str, smoke: bool, fail: str = "", only: str = "") -> int
     try:
       if name == fail:
         raise RuntimeError(f"injected failure (--fail {name})")
+      while name == hang:  # as a kernel that never returns: only the suite's limit ends it
+        time.sleep(1)
       rows = fn()
     except JaxteleError as e:  # the implementation refuses this backend or shape: a skip, with its reason
       rows = [{"name": name, "status": "skip", "detail": str(e)}]
@@ -219,9 +222,10 @@ def main():
   p.add_argument("--out", required=True)
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--fail", default="", help="make the check of this name raise (tests the failure path)")
+  p.add_argument("--hang", default="", help="make the check of this name hang (tests the stop path)")
   p.add_argument("--only", default="", help="regex: run only the checks whose names match")
   args = p.parse_args()
-  sys.exit(1 if run_checks(args.out, args.smoke, args.fail, args.only) else 0)
+  sys.exit(1 if run_checks(args.out, args.smoke, args.fail, args.only, args.hang) else 0)
 
 
 if __name__ == "__main__":

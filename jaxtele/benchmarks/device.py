@@ -88,6 +88,8 @@ def run_checks(args, log, deadline) -> list[dict]:
   cmd = [sys.executable, "-m", "jaxtele.benchmarks.checks", "--out", args.out] + (["--smoke"] if args.smoke else [])
   if args.fail:
     cmd += ["--fail", args.fail]
+  if args.hang:
+    cmd += ["--hang", args.hang]
   if args.only:
     cmd += ["--only", args.only]
   timeout = max(min(args.checks_cap_s, deadline - time.time()), 1)
@@ -213,6 +215,7 @@ def main():
   p.add_argument("--rank", type=int, default=64)
   p.add_argument("--only", default="", help="regex: run only the checks and rows whose names match")
   p.add_argument("--fail", default="", help="make the check of this name raise (tests the failure path)")
+  p.add_argument("--hang", default="", help="make the check of this name hang (tests the stop path)")
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args()
   if args.budget_s <= 0:
