@@ -8,6 +8,7 @@ import pytest
 
 from jaxtele.eval import diagnose
 from jaxtele.eval.intruder_scale import main, scale_intruders
+from jaxtele.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_lambda_one_is_the_run_itself(tiny_run, tmp_path):
   out = tmp_path / "lam.json"
   assert main([str(run), "--lambdas", "1,0", "--eps", "0.9", "--out", str(out)]) == 0
   res = json.loads(out.read_text())
-  final = [json.loads(x) for x in open(run / "metrics.jsonl") if '"eval/' in x][-1]
+  final = [r for r in read_metrics(str(run)) if any(k.startswith("eval/") for k in r)][-1]
   for name, v in res["rows"][0]["sets"].items():
     assert v["loss"] == pytest.approx(final[f"eval/{name}/loss"], rel=1e-5), name
   assert res["rows"][1]["lambda"] == 0.0 and res["intruders_total"] >= 0

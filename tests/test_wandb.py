@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jaxtele.config import load_config
-from jaxtele.metrics import MetricsWriter
+from jaxtele.metrics import MetricsWriter, read_metrics
 
 
 def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
@@ -22,7 +22,7 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
   for step, metrics in logged.items():
     w.write(step, metrics)
   w.close()
-  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  rows = read_metrics(str(tmp_path))
   (log,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
   cli = os.path.join(os.path.dirname(sys.executable), "wandb")
   out = subprocess.run([cli, "leet", "inspect", "--json", log], capture_output=True, text=True, timeout=120)
