@@ -14,7 +14,8 @@ import re
 
 from jaxtele.errors import JaxteleError
 from jaxtele.run import FRONTIER, RunDir
-from jaxtele.metrics import METRICS_FILE, STEP, forget_key, read_metrics
+from jaxtele.metrics import STEP, forget_key, read_metrics
+from jaxtele.run import METRICS as METRICS_FILE
 
 ROLES = ("domain", "general")
 SELECTIONS = ("best-within-budget",)

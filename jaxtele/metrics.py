@@ -21,7 +21,7 @@ import time
 
 from jaxtele.errors import JaxteleError
 from jaxtele.progress import Progress
-from jaxtele.run import METRICS as METRICS_FILE, TENSORBOARD, RunDir
+from jaxtele.run import TENSORBOARD, RunDir
 
 STEP = "step"
 TOKENS_SEEN, TOKENS_PER_PARAM, TOKENS_PER_TRAINABLE = "tokens_seen", "tokens_per_param", "tokens_per_trainable_param"

@@ -124,7 +124,7 @@ def _num(v, fmt="{:.4f}") -> str:
 
 def markdown(summary: dict) -> str:
   m = summary["metric"]
-  lines = [f"# Sweep summary", "", f"{summary['finished']} of {summary['points']} points finished. Chosen by "
+  lines = ["# Sweep summary", "", f"{summary['finished']} of {summary['points']} points finished. Chosen by "
            f"`{m}` ({summary['mode']}) at the final evaluation, averaged over the first-stage seeds.", "",
            "## Grid", "", "| arm | point | seeds | mean | sd | failed seeds | |", "|---|---|---:|---:|---:|---|---|"]
   for arm, a in summary["arms"].items():
@@ -146,7 +146,7 @@ def markdown(summary: dict) -> str:
   for r in summary["runs"]:
     lines.append(f"| {r['arm']} | {r['name']} | {r['status'] or 'todo'} | " +
                  " | ".join(_num(r["final"].get(k)) for k in keys) + " |")
-  lines += ["", f"Per-evaluation values (step, tokens seen where logged) of every point are in summary.json "
+  lines += ["", "Per-evaluation values (step, tokens seen where logged) of every point are in summary.json "
             "(`runs[].curve`)."]
   return "\n".join(lines) + "\n"
 

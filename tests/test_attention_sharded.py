@@ -8,7 +8,6 @@ outputs and gradients equal a float64 numpy reference (forward) and the unsharde
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P

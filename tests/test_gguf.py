@@ -3,7 +3,6 @@
 metadata against transformers' own GGUF tokenizer; Llama 3.1 rope_freqs; refusals; the real SmolLM2 in q8_0."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest

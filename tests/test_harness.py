@@ -4,7 +4,6 @@ item by item, within 1e-3 relative."""
 
 import glob
 import json
-import os
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtele.convert import load_pretrained
-from jaxtele.convert.peft import load_adapter, save_adapter
+from jaxtele.convert.peft import load_adapter
 from jaxtele.models.adapters import adapter_inputs
 from jaxtele.models.lora import add_lora, adapter_names, linears, set_active
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from jaxtele.convert import hf, load_pretrained
 from jaxtele.convert.peft import load_adapter, save_adapter

@@ -2,7 +2,6 @@
 splits whole heads, a loud error for a parameter no rule names, and a report of axes that cannot divide."""
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 

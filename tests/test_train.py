@@ -14,7 +14,6 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtele.config import load_config
 from jaxtele.models.config import ModelConfig
 from jaxtele.models.decoder import init_model
 from jaxtele.models.lora import trainable_filter

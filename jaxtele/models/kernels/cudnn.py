@@ -15,7 +15,6 @@ Shape letters: jaxtele/models/__init__.py.
 import functools
 
 import jax
-import jax.numpy as jnp
 
 DTYPES = ("bfloat16", "float16")
 
