@@ -13,9 +13,8 @@ import os
 import re
 
 from jaxtele.errors import JaxteleError
-from jaxtele.run import FRONTIER, RunDir
 from jaxtele.metrics import STEP, forget_key, read_metrics
-from jaxtele.run import METRICS as METRICS_FILE
+from jaxtele.run import FRONTIER, METRICS as METRICS_FILE, RunDir
 
 ROLES = ("domain", "general")
 SELECTIONS = ("best-within-budget",)

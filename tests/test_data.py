@@ -346,3 +346,22 @@ def test_clause_split_drops_boilerplate_and_keeps_tables():
   clauses = threegpp.split_spec(text, "TS 99.999")
   assert [c.id for c in clauses] == ["TS 99.999 1", "TS 99.999 4.3.5.2"]
   assert clauses[1].text == "4.3.5.2 Change of SSC mode 3\n| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("packing", "nope", "config: data.packing: 'nope' is not one of"),
+    ("seq_len", 1, "config: data.seq_len: must be >= 2, got 1"),
+    ("batch_size", 0, "config: data.batch_size: must be >= 1, got 0"),
+    ("sources", [], "config: data.sources: no data sources configured")])
+def test_a_data_config_built_in_code_gets_the_recipes_one_line_errors(key, value, says):
+  """A data config made in code (sources as a plain list, as eval sets are built) passes the schema's rules, and a
+  bad value gets the same `config: data.KEY: ...` line a recipe override gets (test_config_rules)."""
+  from jaxtele.data.pipeline import default_config, validate
+
+  cfg = default_config()
+  cfg.sources = [{"type": "jsonl", "path": "x.jsonl"}]
+  validate(cfg)
+  cfg[key] = value
+  with pytest.raises(JaxteleError) as e:
+    validate(cfg)
+  assert str(e.value).startswith(says) and "\n" not in str(e.value)
